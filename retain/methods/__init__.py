@@ -1,0 +1,15 @@
+"""Continual-learning methods: one file each, registered by name (``create_method("finetune", ...)``)."""
+
+from retain.methods import finetune, joint, linear_probe, simplecil  # noqa: F401  (fill the registry)
+from retain.methods.base import METHODS, ContinualModel, Method, MethodConfig, Stage, mark_trainable, register_method
+
+__all__ = ["METHODS", "Method", "MethodConfig", "Stage", "ContinualModel", "register_method", "mark_trainable",
+           "method_config_class", "method_names"]  # fmt: skip
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    return METHODS.get(name).config_class
+
+
+def method_names() -> list[str]:
+    return METHODS.names()

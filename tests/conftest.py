@@ -1,0 +1,44 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+os.environ.setdefault("RETAIN_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "test"))
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+SHARED_DATA = SHARED / "data"
+
+
+def tiny_overrides(tmp_path: Path, **extra: str) -> list[str]:
+    """A 2-task synthetic stream and a 1-block ViT: a whole run takes about a second."""
+    base = {
+        "out_dir": str(tmp_path / "runs"),
+        "data.name": "synthetic",
+        "data.options": "{n_classes: 4, n_per_class: 12, n_test_per_class: 6, image_size: 16}",
+        "data.image_size": "16",
+        "scenario.n_tasks": "2",
+        "model.backbone": "vit_nano_patch4_32",
+        "model.pretrained": "false",
+        "model.kwargs": "{depth: 1, embed_dim: 32, num_heads: 2, img_size: 16}",
+        "train.epochs": "1",
+        "train.batch_size": "8",
+        "train.progress": "false",
+        "train.tensorboard": "false",
+        "train.device": "cpu",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return lambda **extra: tiny_overrides(tmp_path, **extra)
+
+
+def needs_shared(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (real data lives in ../shared/data next to the project)")
+    return path
