@@ -1,11 +1,12 @@
 import pytest
 import timm
 import torch
-from conftest import needs_shared
 from safetensors.torch import save_file
 
 from retain.models import TaskHeads, create_backbone, load_weights
 from retain.models.vit import VIT32_ARCHS
+
+from conftest import needs_shared
 
 OURS = list(VIT32_ARCHS) + ["cifar_resnet20", "cifar_resnet32"]
 
