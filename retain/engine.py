@@ -202,14 +202,15 @@ def train_epoch(method: Method, loader: DataLoader, opt, sched, stage: Stage, ct
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
-def fit_stage(method: Method, task: Task, stage: Stage, ctx: RunContext) -> None:
+def fit_stage(method: Method, task: Task, stage: Stage, ctx: RunContext, index: int = 0) -> None:
     model = method.model
     mark_trainable(model, stage.params)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or stage.epochs <= 0:
         return
     data = stage.data if stage.data is not None else method.train_dataset(task)
-    loader = _loader(data, stage.batch_size or ctx.train.batch_size, True, ctx, seed=ctx.seed + 1000 * task.index)
+    seed = ctx.seed + 1000 * task.index + index  # each stage of each task shuffles differently, reproducibly
+    loader = _loader(data, stage.batch_size or ctx.train.batch_size, True, ctx, seed=seed)
     opt = build_optimizer(params, ctx.train, stage)
     sched = build_scheduler(opt, ctx.train, stage.epochs * len(loader), len(loader))
     model.train()
@@ -225,8 +226,8 @@ def fit_task(method: Method, task: Task, ctx: RunContext) -> tuple[float, int]:
     method.model.head.n_active = task.index + 1
     method.before_task(task)
     trained: set[str] = set()
-    for stage in method.stages(task):
-        fit_stage(method, task, stage, ctx)
+    for i, stage in enumerate(method.stages(task)):
+        fit_stage(method, task, stage, ctx, i)
         trained |= set(trainable_names(method.model, stage.params)) if stage.epochs > 0 else set()
     method.after_task(task)
     mark_trainable(method.model, [])

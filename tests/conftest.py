@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is as fast and never oversubscribes a busy machine
 os.environ.setdefault("RETAIN_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "test"))
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"

@@ -1,0 +1,121 @@
+"""ConFiT (Jie, Deng, Li, "Alleviating Representational Shift for Continual Fine-tuning", CVPRW 2022, 2204.10535).
+
+Task-incremental continual fine-tuning of a pre-trained CNN. Each task is trained hierarchically: the task's head
+alone for the first E//5 epochs, head + every BatchNorm affine until E//2, then every parameter; BN stays in train
+mode throughout (so its running statistics follow the new task even while the backbone is frozen). Xconv BN
+(``retain.models.xconv_bn``) keeps each task's BN (weight, bias, variance) and conv-input means and, when an old
+task is evaluated, recomputes that task's BN means through the current convs. Nothing is frozen for good.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from retain.data.scenarios import Scenario, Task
+from retain.methods.base import ContinualModel, Method, MethodConfig, Stage, register_method
+from retain.models.xconv_bn import XconvBN
+
+__all__ = ["ConFiTConfig", "ConFiT"]
+
+
+@dataclass
+class ConFiTConfig(MethodConfig):
+    """Both flags off is plain fine-tuning (with one head per task), the same as method ``finetune``."""
+
+    name: str = "confit"
+    hierarchical: bool = True  # head for E//5 epochs -> + BN affine until E//2 -> all; False: all for E epochs
+    xconv_bn: bool = True  # per-task BN snapshots, old tasks' BN means recovered through the current convs
+    tracker_momentum: float = 0.1  # EMA momentum of the conv-input mean trackers (BN's default)
+
+
+@register_method("confit")
+class ConFiT(Method):
+    """Hierarchical fine-tuning with Xconv BN; the optimiser, learning rate and epochs E come from ``train``.
+
+    The paper trains with plain SGD (lr 0.01, no momentum, no weight decay): the engine's fresh optimiser per
+    stage is then the same as one optimiser per task. Presets set ``train.momentum: 0.0``.
+    """
+
+    config_class = ConFiTConfig
+
+    def __init__(self, cfg: ConFiTConfig, model: ContinualModel, scenario: Scenario, train_cfg: Any) -> None:
+        super().__init__(cfg, model, scenario, train_cfg)
+        self.xbn: XconvBN | None = None
+        if cfg.xconv_bn:
+            if hasattr(model, "xbn"):
+                raise ValueError("this model already carries Xconv BN trackers (model.xbn); build a fresh model")
+            self.xbn = XconvBN(model.backbone, scenario.n_tasks, cfg.tracker_momentum)
+            model.add_module("xbn", self.xbn)  # buffers in the model's state_dict: checkpoints and resume keep them
+        self._loaded: int | None = None  # old task whose BN state the backbone holds; None: the current task's
+
+    # ---- what is trained ------------------------------------------------------------------------------------------
+    def head_prefixes(self, task: Task) -> list[str]:
+        """The task's own head in task-IL (a shared head sliced to the task); the seen heads otherwise."""
+        return [f"head.heads.{task.index}."] if self.scenario.protocol == "task_il" else self.seen_heads(task)
+
+    def bn_prefixes(self) -> list[str]:
+        """Parameter prefixes of every BatchNorm2d of the backbone (their affine weight and bias)."""
+        return [f"backbone.{n}." for n, m in self.model.backbone.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def trainable_prefixes(self, task: Task) -> list[str]:
+        return ["backbone.", *self.head_prefixes(task)]
+
+    def stages(self, task: Task) -> list[Stage]:
+        epochs = self.train_cfg.epochs
+        head, everything = self.head_prefixes(task), self.trainable_prefixes(task)
+        if not self.cfg.hierarchical:
+            return [Stage("all", epochs, everything)]
+        return [
+            Stage("head", epochs // 5, head),
+            Stage("head+bn", epochs // 2 - epochs // 5, head + self.bn_prefixes()),
+            Stage("all", epochs - epochs // 2, everything),
+        ]
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------------
+    def before_task(self, task: Task) -> None:
+        self.set_task(None)  # train on from the previous task's state, whatever was evaluated last
+        super().before_task(task)
+        self._loaded = None
+
+    def after_task(self, task: Task) -> None:
+        if self.xbn is not None:
+            self.xbn.snapshot(self.model.backbone, task.index)
+        self._loaded = None
+
+    def resume(self, last_task: Task) -> None:
+        super().resume(last_task)
+        self._loaded = None  # checkpoints are taken with the current task's state loaded (checkpoint_state)
+
+    def set_task(self, task_id: int | None) -> None:
+        """Put task ``task_id``'s BN state in the backbone: an old task's is restored and its means recovered
+        through the current convs; ``None`` (or the current or a later task) gives the current task's state."""
+        if self.xbn is None or self.task is None:
+            return
+        current = self.task.index
+        target = None if task_id is None or task_id >= current else task_id
+        if target == self._loaded:
+            return
+        if self._loaded is None:  # leaving the current state: keep it, whatever ran since after_task
+            self.xbn.snapshot(self.model.backbone, current)
+        self.xbn.restore(self.model.backbone, current if target is None else target, recover=target is not None)
+        self._loaded = target
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, task_id: int | None = None) -> torch.Tensor:
+        """Logits with task ``task_id``'s BN statistics (the current task's when ``task_id`` is None)."""
+        self.set_task(task_id)
+        return self.model(x)  # (B, C)
+
+    # ---- storage --------------------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        self.set_task(None)
+        return super().checkpoint_state()
+
+    def bytes_per_task(self, task: Task) -> int:
+        """The task's head rows plus, with Xconv BN, its BN snapshot and input means (ResNet-18: 25,740 values)."""
+        head = sum(p.numel() * p.element_size() for p in self.model.head.heads[task.index].parameters())
+        return head + (self.xbn.bytes_per_task if self.xbn is not None else 0)
