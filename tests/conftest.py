@@ -42,3 +42,24 @@ def needs_shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (real data lives in ../shared/data next to the project)")
     return path
+
+
+def interrupted_then_resumed(overrides: list[str], monkeypatch) -> tuple[dict, dict]:
+    """Run ``overrides`` uninterrupted, then again interrupted before task 1 and resumed; both metric records."""
+    from retain import engine
+    from retain.config import load_config
+
+    full = engine.run(load_config(None, overrides + ["name=full"]), log=lambda *_: None)
+    real_fit = engine.fit_task
+
+    def crash_on_second(method, task, ctx):
+        if task.index == 1:
+            raise KeyboardInterrupt
+        return real_fit(method, task, ctx)
+
+    monkeypatch.setattr(engine, "fit_task", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(load_config(None, overrides + ["name=cut"]), log=lambda *_: None)
+    monkeypatch.setattr(engine, "fit_task", real_fit)
+    resumed = engine.run(load_config(None, overrides + ["name=cut"]), resume=True, log=lambda *_: None)
+    return full, resumed

@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from retain import engine
 from retain.cli import main
 from retain.config import load_config
-from retain.engine import RunContext, build_run, evaluate, fit_stage, fit_task, run
+from retain.engine import RunContext, build_run, evaluate, fit_stage, fit_task
 from retain.methods.base import trainable_names
 from retain.models import create_backbone
 from retain.models.xconv_bn import InputMeanTracker, XconvBN, conv_bn_pairs, phase_map, recover_mean
+
+from conftest import interrupted_then_resumed
 
 CNN = {
     "model.backbone": "cifar_resnet20",
@@ -193,20 +194,7 @@ def test_without_xconv_bn_and_hierarchy_confit_is_finetune(tiny):
 
 
 def test_resume_gives_identical_results(tiny, monkeypatch):
-    over = tiny(**CNN, **{"train.epochs": "2"})
-    full = run(load_config(None, over + ["name=full"]), log=lambda *_: None)
-    real_fit = engine.fit_task
-
-    def crash_on_second(method_, task, ctx):
-        if task.index == 1:
-            raise KeyboardInterrupt
-        return real_fit(method_, task, ctx)
-
-    monkeypatch.setattr(engine, "fit_task", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        run(load_config(None, over + ["name=cut"]), log=lambda *_: None)
-    monkeypatch.setattr(engine, "fit_task", real_fit)
-    resumed = run(load_config(None, over + ["name=cut"]), resume=True, log=lambda *_: None)
+    full, resumed = interrupted_then_resumed(tiny(**CNN, **{"train.epochs": "2"}), monkeypatch)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
 
 

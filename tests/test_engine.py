@@ -8,6 +8,8 @@ from retain.config import load_config
 from retain.engine import RunError, build_scheduler, run
 from retain.methods.base import Stage
 
+from conftest import interrupted_then_resumed
+
 
 def test_run_writes_config_metrics_and_checkpoints(tiny, tmp_path):
     cfg = load_config(None, tiny(name="r1", **{"train.tensorboard": "true"}))
@@ -30,23 +32,9 @@ def test_existing_run_is_not_overwritten(tiny):
         run(cfg, log=lambda *_: None)
 
 
-@pytest.mark.parametrize("method", ["finetune", "linear_probe"])
+@pytest.mark.parametrize("method", ["finetune", "linear_probe", "ewc", "lwf"])
 def test_resume_after_interruption_gives_identical_results(tiny, monkeypatch, method):
-    over = tiny(**{"scenario.n_tasks": "2", "method.name": method})
-    full = run(load_config(None, over + ["name=full"]), log=lambda *_: None)
-
-    real_fit = engine.fit_task
-
-    def crash_on_second(method_, task, ctx):
-        if task.index == 1:
-            raise KeyboardInterrupt
-        return real_fit(method_, task, ctx)
-
-    monkeypatch.setattr(engine, "fit_task", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        run(load_config(None, over + ["name=cut"]), log=lambda *_: None)
-    monkeypatch.setattr(engine, "fit_task", real_fit)
-    resumed = run(load_config(None, over + ["name=cut"]), resume=True, log=lambda *_: None)
+    full, resumed = interrupted_then_resumed(tiny(**{"method.name": method}), monkeypatch)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
 
 
