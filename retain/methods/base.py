@@ -159,7 +159,5 @@ class Method:
         self.model.load_state_dict(state, strict=False)
 
     def bytes_per_task(self, task: Task) -> int:
-        """Bytes a deployment must keep for this task alone (default: every trainable parameter of the task)."""
-        names = trainable_names(self.model, self.trainable_prefixes(task))
-        params = dict(self.model.named_parameters())
-        return sum(params[n].numel() * params[n].element_size() for n in names)
+        """Bytes a deployment keeps for this task on top of the shared model (default: the task's head rows)."""
+        return sum(p.numel() * p.element_size() for p in self.model.head.heads[task.index].parameters())

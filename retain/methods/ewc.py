@@ -90,6 +90,3 @@ class EWC(Method):
         self.fisher = {k.removeprefix("ewc.fisher."): v for k, v in state.items() if k.startswith("ewc.fisher.")}
         self.old_params = {k.removeprefix("ewc.old."): v for k, v in state.items() if k.startswith("ewc.old.")}
         super().load_checkpoint_state({k: v for k, v in state.items() if not k.startswith("ewc.")})
-
-    def bytes_per_task(self, task: Task) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.head.heads[task.index].parameters())

@@ -24,7 +24,3 @@ class Finetune(Method):
 
     def trainable_prefixes(self, task: Task) -> list[str]:
         return ["backbone.", *self.seen_heads(task)]
-
-    def bytes_per_task(self, task: Task) -> int:
-        """Only the task's head rows are task-specific; the shared backbone is overwritten, not kept per task."""
-        return sum(p.numel() * p.element_size() for p in self.model.head.heads[task.index].parameters())

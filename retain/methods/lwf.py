@@ -64,6 +64,3 @@ class LwF(Method):
     def resume(self, last_task: Task) -> None:
         super().resume(last_task)
         self.after_task(last_task)
-
-    def bytes_per_task(self, task: Task) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.head.heads[task.index].parameters())
