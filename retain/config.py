@@ -90,7 +90,7 @@ class ScenarioConfig:
 class ModelConfig:
     """Backbone by name (timm tag or one of ours) and where its weights come from."""
 
-    backbone: str = "vit_nano_patch4_32"
+    backbone: str = "vit_micro_patch4_32.retain_cifar10"  # shipped, works offline
     pretrained: bool = True
     weights: str | None = None  # local safetensors / weights_only .pth file; overrides the tag's source
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (depth, embed_dim, ...)
