@@ -1,6 +1,6 @@
 """Continual-learning methods: one file each, registered by name (``create_method("finetune", ...)``)."""
 
-from retain.methods import confit, ewc, finetune, joint, linear_probe, lwf, simplecil  # noqa: F401  (fill the registry)
+from retain.methods import confit, ewc, finetune, joint, linear_probe, ln_tuning, lwf, simplecil  # noqa: F401  (fill the registry)
 from retain.methods.base import METHODS, ContinualModel, Method, MethodConfig, Stage, mark_trainable, register_method
 
 __all__ = ["METHODS", "Method", "MethodConfig", "Stage", "ContinualModel", "register_method", "mark_trainable",

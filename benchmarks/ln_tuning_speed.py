@@ -1,0 +1,165 @@
+"""LN tuning (De Min et al., ICCVW 2023): cost of the per-task LayerNorm model against plain timm ViTs, on CPU.
+
+Ratios are (reference time) / (our time), so >= 1 means ours is at least as fast. Each round times every variant once,
+side by side in a rotating order; the ratio of a round compares neighbours, and the script prints the median over
+rounds (and the median times). Goals from issue #4: train step >= 0.95, inference >= 0.95, mixed batch >= 0.9.
+
+    nice -n 10 python benchmarks/ln_tuning_speed.py                      # vit_tiny_patch4_32, batch 64, 1 thread
+    python benchmarks/ln_tuning_speed.py --backbone vit_micro_patch4_32 --rounds 30 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from retain.methods.ln_tuning import select_task
+from retain.models import create_backbone
+from retain.models.task_layernorm import PRETRAINED, inject_task_layernorm, use_task
+
+
+def _plain_ln_only(model: nn.Module) -> list[nn.Parameter]:
+    model.requires_grad_(False)
+    params = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def _train_step(model: nn.Module, head: nn.Linear, opt: torch.optim.Optimizer, x, y) -> Callable[[], None]:
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(head(model.forward_head(model.forward_features(x), pre_logits=True)), y).backward()
+        opt.step()
+
+    return step
+
+
+def build_cases(backbone: str, batch: int, n_tasks: int) -> dict[str, dict[str, Callable[[], None]]]:
+    """Three comparisons, each {reference name: fn, ours name: fn}."""
+    torch.manual_seed(0)
+    plain = create_backbone(backbone, pretrained=False)
+    ours = copy.deepcopy(plain)
+    inject_task_layernorm(ours, n_tasks)
+    size = plain.patch_embed.img_size
+    x = torch.rand(batch, 3, *size)  # (B, 3, H, W)
+    y = torch.randint(0, 10, (batch,))
+    dim = plain.num_features
+    head_a, head_b = nn.Linear(dim, 10), nn.Linear(dim, 10)
+    head_b.load_state_dict(head_a.state_dict())
+    opt_a = torch.optim.Adam([*_plain_ln_only(plain), *head_a.parameters()], lr=1e-3)
+    ours.requires_grad_(False)
+    ln_rows = [p for n, p in ours.named_parameters() if n.rsplit(".", 1)[-1] in ("ln_weight", "ln_bias")]
+    for p in ln_rows:
+        p.requires_grad_(True)
+    opt_b = torch.optim.Adam([*ln_rows, *head_b.parameters()], lr=1e-3)
+    plain_step = _train_step(plain, head_a, opt_a, x, y)
+
+    def ours_step() -> None:
+        with use_task(ours, 3):
+            _train_step(ours, head_b, opt_b, x, y)()
+
+    keys = torch.randn(n_tasks, dim)  # (T, D)
+    mixed = torch.arange(batch) % n_tasks  # (B,) every task present
+
+    @torch.no_grad()
+    def plain_two_passes() -> None:
+        plain.forward_features(x)  # the frozen model's pass (query)
+        head_a(plain.forward_head(plain.forward_features(x), pre_logits=True))  # the tuned model's pass
+
+    @torch.no_grad()
+    def ours_select_and_predict() -> None:
+        with use_task(ours, PRETRAINED):
+            q = ours.forward_features(x)[:, 0]  # (B, D)
+        with use_task(ours, select_task(q, keys)):
+            head_b(ours.forward_head(ours.forward_features(x), pre_logits=True))
+
+    @torch.no_grad()
+    def ours_single_task() -> None:
+        with use_task(ours, 3):
+            ours.forward_features(x)
+
+    @torch.no_grad()
+    def ours_mixed() -> None:
+        with use_task(ours, mixed):
+            ours.forward_features(x)
+
+    @torch.no_grad()
+    def ours_split_by_task() -> None:
+        for t in range(n_tasks):
+            with use_task(ours, t):
+                ours.forward_features(x[mixed == t])
+
+    @torch.no_grad()
+    def plain_query() -> None:
+        plain.forward_features(x)[:, 0]  # a frozen copy of the pre-trained ViT
+
+    @torch.no_grad()
+    def shared_query() -> None:
+        with use_task(ours, PRETRAINED):
+            ours.forward_features(x)[:, 0]  # the tuned model with its frozen pre-trained LN row
+
+    plain.eval()  # no dropout or BN in these ViTs: train and eval mode compute the same
+    ours.eval()
+    return {
+        "train step (LN rows vs plain LN-only)": {"plain ViT, LNs trainable": plain_step, "per-task LN": ours_step},
+        "inference (select + predict vs two plain passes)": {"two plain passes": plain_two_passes,
+                                                             "query + selected rows": ours_select_and_predict},
+        "mixed-task batch (one pass vs single-task pass)": {"single task": ours_single_task, "mixed": ours_mixed},
+        "query (pre-trained LN row vs frozen copy)": {"frozen copy": plain_query, "pre-trained row": shared_query},
+        f"mixed-task batch (one pass vs split into {n_tasks} passes)": {"split": ours_split_by_task,
+                                                                        "mixed": ours_mixed},
+    }  # fmt: skip
+
+
+def measure(cases: dict[str, dict[str, Callable[[], None]]], rounds: int, warmup: int) -> list[tuple]:
+    """Median time of each variant and median per-round ratio reference/ours, variants interleaved per round."""
+    fns = [(c, name, fn) for c, pair in cases.items() for name, fn in pair.items()]
+    for _ in range(warmup):
+        for _, _, fn in fns:
+            fn()
+    times: dict[tuple[str, str], list[float]] = {(c, n): [] for c, n, _ in fns}
+    for r in range(rounds):
+        order = fns[r % len(fns) :] + fns[: r % len(fns)]  # rotate so no variant always runs first
+        for c, name, fn in order:
+            start = time.perf_counter()
+            fn()
+            times[(c, name)].append(time.perf_counter() - start)
+    rows = []
+    for c, pair in cases.items():
+        (ref, ours) = list(pair)
+        ratios = [a / b for a, b in zip(times[(c, ref)], times[(c, ours)], strict=True)]
+        rows.append((c, ref, statistics.median(times[(c, ref)]), ours, statistics.median(times[(c, ours)]),
+                     statistics.median(ratios)))  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", default="vit_tiny_patch4_32")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cases = build_cases(args.backbone, args.batch, args.tasks)
+    print(f"{args.backbone}, batch {args.batch}, {args.tasks} tasks, {args.threads} thread(s), {args.rounds} rounds, "
+          f"torch {torch.__version__}")  # fmt: skip
+    for case, ref, t_ref, ours, t_ours, ratio in measure(cases, args.rounds, args.warmup):
+        print(f"{case:58s} {ref} {1e3 * t_ref:8.1f} ms | {ours} {1e3 * t_ours:8.1f} ms | ratio {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

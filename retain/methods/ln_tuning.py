@@ -1,0 +1,361 @@
+"""LayerNorm tuning with task keys (De Min et al., "On the Effectiveness of LayerNorm Tuning for Continual Learning
+in Vision Transformers", ICCVW 2023).
+
+Trained per task: one (scale, bias) row in each of the ViT's LayerNorms (38,400 values for ViT-B/16), one key, a
+throwaway head (LN stage) and the task's rows of the real head (classifier rectification). Frozen: everything else.
+At test the frozen pre-trained ViT's CLS token picks the task whose key is most cosine-similar; that task's LN rows
+and the real head over all seen classes give the logits.
+
+Per task (two-stage variant): (1a) key, (1b) LN rows with the oracle task id and a throwaway head, logits masked to
+the task's classes, (2) the real head on features from the test-time selection, logits masked to the task's classes.
+Beyond the original (each an option): closed-form keys, one pass for batches mixing tasks, frozen-model queries
+cached per image, stage 2 on cached features, and an artefact holding only the task-specific tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from retain.config import ConfigError
+from retain.data.scenarios import Scenario, Task
+from retain.methods.base import ContinualModel, Method, MethodConfig, Stage, register_method
+from retain.models.task_layernorm import (
+    PRETRAINED,
+    SelectTask,
+    copy_task_rows,
+    inject_task_layernorm,
+    task_layernorms,
+    use_task,
+)
+
+__all__ = ["LNTuningConfig", "LNTuning", "key_loss", "select_task", "closed_form_key"]
+
+VARIANTS = ("two_stage", "single_stage")
+HEAD_FEATURES = ("cached", "online")
+QUERY_MODELS = ("shared", "copy")
+
+
+@dataclass
+class LNTuningConfig(MethodConfig):
+    name: str = "ln_tuning"
+    train_mask: str = "current"  # LN and head stages: CE over the current task's classes (the original's mask)
+    variant: str = "two_stage"  # two_stage: task keys on the frozen ViT's CLS | single_stage: per-layer keys
+    key_epochs: int | None = None  # stage 1a when keys are trained; None: train.epochs (the original's --epochs)
+    head_epochs: int = 5  # stage 2, classifier rectification (--epochs_unbiased)
+    head_lr: float = 0.001  # stage 2 Adam lr (--lr_unbiased; not rescaled by batch/256)
+    rectify: bool = True  # run stage 2 (--unbiased)
+    closed_form_keys: bool = True  # key = normalised mean of normalised queries, one pass; False: 1a by Adam
+    cache_queries: bool = True  # frozen-model CLS of each deterministic image computed once per run
+    head_features: str = "cached"  # cached: stage 2 on train_eval features made once | online: augmented, per step
+    mixed_batch: bool = True  # one pass with per-sample LN rows; False: split the batch by task
+    query_model: str = "shared"  # shared: same backbone with the pre-trained LN row | copy: a frozen deepcopy
+    sim_weight: float = 1.0  # single_stage: weight of the per-layer key-similarity term
+    export_path: str | None = None  # after each task, write the artefact (``export``) to this safetensors file
+
+
+def key_loss(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``-mean_i cos(query_i, key)`` for queries (B, D) and one key (D,)."""
+    return -(F.normalize(query, dim=-1) @ F.normalize(key, dim=0)).mean()  # (B,) -> ()
+
+
+def select_task(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the key (rows of (K, D)) most cosine-similar to each query (B, D)."""
+    sim = F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).T  # (B, K)
+    return sim.argmax(dim=1)
+
+
+def closed_form_key(query: torch.Tensor) -> torch.Tensor:
+    """(D,) the unit key minimising ``key_loss`` over queries (B, D): the normalised mean of normalised queries."""
+    return F.normalize(F.normalize(query, dim=-1).sum(0), dim=0)
+
+
+class _Deferred(Dataset):
+    """A dataset built on first use: stage 2's features need the LN rows the stage before it trains."""
+
+    def __init__(self, build: Callable[[], Dataset]) -> None:
+        self._build, self._data = build, None
+
+    @property
+    def data(self) -> Dataset:
+        if self._data is None:
+            self._data = self._build()
+        return self._data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        return self.data[i]
+
+
+def _digests(x: torch.Tensor) -> list[bytes]:
+    """One 128-bit content hash per sample of x (B, ...): the query cache's keys."""
+    raw = x.detach().cpu().contiguous().flatten(1).view(torch.uint8).numpy()  # (B, bytes)
+    head = f"{x.dtype}{tuple(x.shape[1:])}".encode()
+    return [hashlib.blake2b(head + row.tobytes(), digest_size=16).digest() for row in raw]
+
+
+@register_method("ln_tuning")
+class LNTuning(Method):
+    """Per-task LayerNorm rows selected by task keys; see the module docstring."""
+
+    config_class = LNTuningConfig
+
+    def __init__(self, cfg: LNTuningConfig, model: ContinualModel, scenario: Scenario, train_cfg) -> None:
+        super().__init__(cfg, model, scenario, train_cfg)
+        _check(cfg)
+        n_tasks, dim = scenario.n_tasks, model.backbone.num_features
+        self.query_model = None
+        if cfg.query_model == "copy" and cfg.variant == "two_stage":
+            self.query_model = copy.deepcopy(model.backbone).eval().requires_grad_(False)
+        self.single_stage = cfg.variant == "single_stage"
+        inject_task_layernorm(model.backbone, n_tasks, selector=self.single_stage)
+        self.layers = task_layernorms(model.backbone)
+        if not self.single_stage:
+            device = self.layers[0].ln_weight.device
+            keys = nn.init.orthogonal_(torch.empty(n_tasks, dim, device=device))  # (T, D), own key per task
+            model.register_parameter("ln_keys", nn.Parameter(keys))
+        model.add_module("ln_fake_head", copy.deepcopy(model.head))  # throwaway head of the LN stage
+        model.ln_fake_head.n_active = n_tasks
+        self.query_cache: dict[bytes, torch.Tensor] = {}
+        self.frozen_images = 0  # images that went through the frozen model (tests, benchmarks)
+
+    # ---- parameters -----------------------------------------------------------------------------------------------
+    def ln_param_names(self) -> list[str]:
+        """Full names of the per-task tables: ``backbone.<layer>.ln_weight``, ``ln_bias`` (single-stage: ``ln_key``,
+        ``ln_att``)."""
+        return [
+            f"backbone.{n}" for n, _ in self.model.backbone.named_parameters() if n.rsplit(".", 1)[-1][:3] == "ln_"
+        ]
+
+    def trainable_prefixes(self, task: Task) -> list[str]:
+        keys = [] if self.single_stage else ["ln_keys"]
+        return [*self.ln_param_names(), *keys, f"ln_fake_head.heads.{task.index}.", f"head.heads.{task.index}."]
+
+    def param_breakdown(self, task: Task) -> dict[str, int]:
+        """Values stored for ``task`` alone: its row of every LN table, its key, its rows of the real head."""
+        ln = sum(p.shape[1] for m in self.layers for p in m.parameters(recurse=False))
+        key = 0 if self.single_stage else self.model.ln_keys.shape[1]
+        head = sum(p.numel() for p in self.model.head.heads[task.index].parameters())
+        return {"ln": ln, "key": key, "head": head}
+
+    def bytes_per_task(self, task: Task) -> int:
+        return sum(self.param_breakdown(task).values()) * self.layers[0].ln_weight.element_size()
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------------
+    def before_task(self, task: Task) -> None:
+        super().before_task(task)
+        if task.index > 0:
+            copy_task_rows(self.model.backbone, task.index - 1, task.index)  # keys stay fresh (--new_key)
+        if not self.single_stage and self.cfg.closed_form_keys:
+            self.fit_key(task)
+
+    def stages(self, task: Task) -> list[Stage]:
+        t, train = task.index, self.train_cfg
+        stages = []
+        if not self.single_stage and not self.cfg.closed_form_keys:
+            epochs = train.epochs if self.cfg.key_epochs is None else self.cfg.key_epochs
+            stages.append(Stage("keys", epochs, ["ln_keys"], weight_decay=0.0))
+        ln_params = [*self.ln_param_names(), f"ln_fake_head.heads.{t}."]
+        stages.append(Stage("ln", train.epochs, ln_params, weight_decay=0.0))  # wd would move the old rows
+        if self.cfg.rectify:
+            data = _Deferred(lambda: self._head_features(task)) if self.cfg.head_features == "cached" else None
+            stages.append(Stage("head", self.cfg.head_epochs, [f"head.heads.{t}."], lr=self.cfg.head_lr,
+                                optimizer="adam", weight_decay=0.0, data=data))  # fmt: skip
+        return stages
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], stage: Stage) -> dict[str, torch.Tensor]:
+        x, y = batch
+        t = self.task.index
+        if stage.name == "keys":
+            return {"key": key_loss(self.queries(x, cache=False), self.model.ln_keys[t])}
+        if stage.name == "head":
+            feats = x if self.cfg.head_features == "cached" else self._online_head_features(x, t)  # (B, D)
+            logits = self.mask_logits(self.model.head(feats))  # (B, C)
+            return {"ce": F.cross_entropy(logits, y, label_smoothing=self.train_cfg.label_smoothing)}
+        with use_task(self.model.backbone, t):
+            logits = self.mask_logits(self.model.ln_fake_head(self.model.features(x)))  # (B, C)
+        terms = {"ce": F.cross_entropy(logits, y, label_smoothing=self.train_cfg.label_smoothing)}
+        if self.single_stage:
+            sim = torch.stack([m.similarity.mean() for m in self.layers]).mean()
+            terms["sim"] = -self.cfg.sim_weight * sim
+        return terms
+
+    def after_task(self, task: Task) -> None:
+        if self.cfg.export_path:
+            path = Path(self.cfg.export_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            self.export(tmp)
+            tmp.replace(path)  # atomic: an interrupted run never leaves half a file
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, task_id: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits over all seen classes with the selected task's rows, and the selected task ids (B,)."""
+        if task_id is not None:  # task-incremental: the oracle task's rows
+            with use_task(self.model.backbone, task_id):
+                return self.model(x)
+        upto = self.task.index if self.task is not None else 0
+        feats, ids = self.inference_features(x, upto, cache=self.cfg.cache_queries)
+        return self.model.head(feats), ids
+
+    def resume(self, last_task: Task) -> None:
+        super().resume(last_task)
+        self.query_cache.clear()
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Keys, every LN table, both heads: everything not rebuilt from the pre-trained backbone."""
+        state = self.model.state_dict()
+        return {k: v for k, v in state.items() if k.startswith(("head.", "ln_")) or ".ln_" in k}
+
+    # ---- task selection -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def queries(self, x: torch.Tensor, cache: bool = True) -> torch.Tensor:
+        """(B, D) CLS token of the frozen pre-trained ViT after its final norm (cached per image if ``cache``)."""
+        if not cache:
+            return self._frozen_cls(x)
+        digests = _digests(x)
+        miss = [i for i, d in enumerate(digests) if d not in self.query_cache]
+        if miss:
+            fresh = self._frozen_cls(x[miss]).cpu()  # (M, D)
+            for i, q in zip(miss, fresh, strict=True):
+                self.query_cache[digests[i]] = q
+        return torch.stack([self.query_cache[d] for d in digests]).to(x.device)  # (B, D)
+
+    def _frozen_cls(self, x: torch.Tensor) -> torch.Tensor:
+        self.frozen_images += len(x)
+        if self.query_model is not None:
+            return self.query_model.forward_features(x)[:, 0]  # (B, D)
+        backbone, was_training = self.model.backbone, self.model.backbone.training
+        backbone.eval()
+        with use_task(backbone, PRETRAINED):
+            q = backbone.forward_features(x)[:, 0]  # (B, D)
+        backbone.train(was_training)
+        return q
+
+    @torch.no_grad()
+    def select(self, x: torch.Tensor, upto: int, cache: bool = True) -> torch.Tensor:
+        """(B,) task ids: argmax over keys 0..upto of the cosine to the frozen model's CLS (two-stage variant)."""
+        return select_task(self.queries(x, cache), self.model.ln_keys[: upto + 1])
+
+    def task_features(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(B, D) features of each sample with its own task's LN rows: one pass, or one per task (``mixed_batch``)."""
+        backbone = self.model.backbone
+        if self.cfg.mixed_batch:
+            with use_task(backbone, ids):
+                return self.model.features(x)
+        out = None
+        for t in ids.unique().tolist():
+            rows = ids == t
+            with use_task(backbone, t):
+                f = self.model.features(x[rows])  # (b, D)
+            out = f.new_empty(len(x), f.shape[1]) if out is None else out
+            out[rows] = f
+        return out
+
+    @torch.no_grad()
+    def inference_features(self, x: torch.Tensor, upto: int, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features with the test-time selection among tasks 0..upto, and the selected ids (B,).
+
+        Single-stage: every layer selects on its own; the ids reported are the final norm's.
+        """
+        if self.single_stage:
+            with use_task(self.model.backbone, SelectTask(upto)):
+                feats = self.model.features(x)  # (B, D)
+            return feats, self.layers[-1].selected
+        ids = self.select(x, upto, cache)
+        return self.task_features(x, ids), ids
+
+    # ---- keys and stage-2 data ------------------------------------------------------------------------------------
+    def _loader(self, data: Dataset) -> DataLoader:
+        return DataLoader(data, batch_size=self.train_cfg.eval_batch_size, shuffle=False)
+
+    @torch.no_grad()
+    def fit_key(self, task: Task) -> None:
+        """Closed-form key of ``task`` from one pass over its training images (deterministic transform)."""
+        total = None
+        for x, _ in self._loader(task.train_eval):
+            q = F.normalize(self.queries(x.to(self.device), self.cfg.cache_queries).float(), dim=-1)  # (B, D)
+            total = q.sum(0) if total is None else total + q.sum(0)
+        self.model.ln_keys[task.index].copy_(F.normalize(total, dim=0))
+
+    @torch.no_grad()
+    def _head_features(self, task: Task) -> TensorDataset:
+        """(features, labels) of ``task.train_eval`` with the test-time selection, computed once for stage 2."""
+        was_training = self.model.training
+        self.model.eval()
+        feats, labels = [], []
+        for x, y in self._loader(task.train_eval):
+            f, _ = self.inference_features(x.to(self.device), task.index, self.cfg.cache_queries)
+            feats.append(f.float().cpu())  # (B, D)
+            labels.append(y)
+        self.model.train(was_training)
+        return TensorDataset(torch.cat(feats), torch.cat(labels))
+
+    @torch.no_grad()
+    def _online_head_features(self, x: torch.Tensor, upto: int) -> torch.Tensor:
+        """Stage 2 as the original: the augmented batch goes through selection and the tuned model every step."""
+        was_training = self.model.training
+        self.model.eval()
+        feats, _ = self.inference_features(x, upto, cache=False)
+        self.model.train(was_training)
+        return feats
+
+    # ---- artefact -------------------------------------------------------------------------------------------------
+    def export(self, path: str | Path) -> None:
+        """One safetensors file: backbone reference (metadata), and the keys, LN rows and head of each trained task."""
+        n = self.task.index + 1
+        tensors = {}
+        for k, v in self.checkpoint_state().items():
+            if k.startswith("ln_fake_head."):
+                continue
+            if k.startswith("head.heads."):
+                if int(k.split(".")[2]) < n:
+                    tensors[k] = v
+            else:
+                tensors[k] = v[:n]  # (n, D) rows of the trained tasks only
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta = {"method": self.name, "variant": self.cfg.variant, "backbone": _backbone_ref(self.model.backbone),
+                "tasks_trained": str(n), "n_tasks": str(self.scenario.n_tasks)}  # fmt: skip
+        save_file(tensors, str(path), metadata=meta)
+
+    @torch.no_grad()
+    def load_export(self, path: str | Path) -> None:
+        """Load ``export``'s file into this method's model (same backbone and variant); ready for ``predict``."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        if (meta.get("variant"), meta.get("backbone")) != (self.cfg.variant, _backbone_ref(self.model.backbone)):
+            raise ValueError(f"{path} holds {meta.get('variant')} rows for {meta.get('backbone')}; this model is "
+                             f"{self.cfg.variant} on {_backbone_ref(self.model.backbone)}")  # fmt: skip
+        n = int(meta["tasks_trained"])
+        state = self.model.state_dict()
+        for k, v in load_file(str(path)).items():
+            target = state[k] if k.startswith("head.") else state[k][:n]
+            target.copy_(v)
+        self.task = self.scenario.tasks[n - 1]
+        self.model.head.n_active = n
+
+
+def _backbone_ref(backbone: nn.Module) -> str:
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    arch, tag = cfg.get("architecture", type(backbone).__name__), cfg.get("tag")
+    return f"{arch}.{tag}" if tag else arch
+
+
+def _check(cfg: LNTuningConfig) -> None:
+    for key, value, valid in (("variant", cfg.variant, VARIANTS), ("head_features", cfg.head_features, HEAD_FEATURES),
+                              ("query_model", cfg.query_model, QUERY_MODELS)):  # fmt: skip
+        if value not in valid:
+            raise ConfigError(f"method.{key}={value!r}; valid: {', '.join(valid)}")

@@ -1,0 +1,341 @@
+"""LN tuning (De Min et al., ICCVW 2023): per-task LayerNorm rows, task keys, the two-stage schedule, its options."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from retain.cli import main
+from retain.config import ConfigError, load_config
+from retain.engine import RunContext, build_run, evaluate, fit_task, run
+from retain.inspect import dry_scenario
+from retain.methods.ln_tuning import closed_form_key, key_loss, select_task
+from retain.models import create_backbone
+from retain.models.task_layernorm import (
+    PRETRAINED,
+    TaskLayerNorm,
+    inject_task_layernorm,
+    set_task,
+    task_layernorms,
+    use_task,
+)
+
+CPU = torch.device("cpu")
+FAITHFUL = {"method.closed_form_keys": "false", "method.head_features": "online", "method.cache_queries": "false",
+            "method.mixed_batch": "false", "method.query_model": "copy"}  # fmt: skip
+
+
+def _method(tiny, **extra):
+    cfg = load_config(None, tiny(**{"method.name": "ln_tuning", "method.head_epochs": "2", **extra}))
+    torch.manual_seed(0)  # the same random "pre-trained" backbone in every call
+    scenario, method = build_run(cfg, CPU)
+    method.setup()
+    return cfg, scenario, method
+
+
+def _rows(method):
+    return {k: v.detach().clone() for k, v in method.checkpoint_state().items()}
+
+
+# ---------------------------------------------------------------------------------------------- the LN adapter
+
+
+def test_task_layernorm_matches_hand_computation():
+    base = nn.LayerNorm(4, eps=1e-6)
+    ln = TaskLayerNorm(base, n_tasks=3)
+    with torch.no_grad():
+        ln.ln_weight.copy_(torch.tensor([[1.0, 2, 3, 4], [0.5, 0.5, 0.5, 0.5], [-1, 0, 1, 2]]))
+        ln.ln_bias.copy_(torch.tensor([[0.0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 1]]))
+    x = torch.tensor([[[1.0, 2, 3, 6], [0, 0, 4, 4]], [[2.0, 2, 2, 10], [1, -1, 1, -1]]])  # (B=2, N=2, D=4)
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)  # biased, as LayerNorm
+    xhat = (x - mean) / torch.sqrt(var + 1e-6)
+    ln.task = 1
+    assert torch.allclose(ln(x), xhat * 0.5 + 1, atol=1e-6)
+    ln.task = PRETRAINED  # the pre-trained values (ones, zeros) are kept as buffers
+    assert torch.allclose(ln(x), xhat, atol=1e-6)
+    ln.task = torch.tensor([0, 2])  # per-sample rows
+    expected = torch.stack([xhat[0] * ln.ln_weight[0] + ln.ln_bias[0], xhat[1] * ln.ln_weight[2] + ln.ln_bias[2]])
+    assert torch.allclose(ln(x), expected, atol=1e-6)
+    assert ln.eps == 1e-6 and {n for n, _ in ln.named_parameters()} == {"ln_weight", "ln_bias"}
+
+
+def test_inject_replaces_every_layernorm_and_starts_as_the_pretrained_model():
+    vit = create_backbone("vit_nano_patch4_32", pretrained=False, depth=2)
+    with torch.no_grad():
+        for m in vit.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.normal_()
+                m.bias.normal_()
+    ref = copy.deepcopy(vit).eval()
+    names = inject_task_layernorm(vit, n_tasks=3)
+    assert names == ["blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1", "blocks.1.norm2", "norm"]
+    assert all(m.eps == 1e-6 for m in task_layernorms(vit))
+    assert not any(isinstance(m, nn.LayerNorm) for m in vit.modules())
+    x = torch.rand(2, 3, 32, 32)
+    vit.eval()
+    for task in (PRETRAINED, 0, 2, torch.tensor([1, 2])):
+        with use_task(vit, task):
+            assert torch.allclose(vit.forward_features(x), ref.forward_features(x), atol=1e-5)
+    with use_task(vit, PRETRAINED):
+        assert torch.equal(vit.forward_features(x), ref.forward_features(x))  # bit-identical query path
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+def test_key_loss_and_selection_on_hand_made_tensors():
+    q = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, 1.0], [-1.0, 0.1]])
+    keys = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    assert select_task(q, keys).tolist() == [0, 1, 0, 2]
+    assert select_task(q, keys[:2]).tolist() == [0, 1, 0, 1]  # only tasks <= 1 seen
+    assert key_loss(q[:2], torch.tensor([1.0, 0.0])).item() == pytest.approx(-0.5)
+    assert key_loss(q[:2], torch.tensor([1.0, 1.0])).item() == pytest.approx(-(2**-0.5))
+
+
+def test_closed_form_key_beats_or_equals_a_trained_key():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(200, 16, generator=gen) + torch.linspace(-1, 2, 16)  # (B, D), a mean direction
+    key = nn.Parameter(nn.init.orthogonal_(torch.empty(1, 16), generator=gen)[0])
+    opt = torch.optim.Adam([key], lr=0.01)
+    for _ in range(500):
+        opt.zero_grad()
+        key_loss(q, key).backward()
+        opt.step()
+    best = closed_form_key(q)
+    assert key_loss(q, best) <= key_loss(q, key.detach()) + 1e-6
+    assert key_loss(q, best) < key_loss(q, best + 0.05 * torch.randn(16, generator=gen))
+    assert torch.allclose(best.norm(), torch.tensor(1.0))
+
+
+# ---------------------------------------------------------------------------------------------- the method
+
+
+def test_old_rows_and_keys_bit_identical_after_a_later_task(tiny):
+    # a large lr and a non-zero train.weight_decay: the stages force wd 0 and a fresh Adam, so zero grads move nothing
+    extra = {"train.optimizer": "adam", "train.lr": "0.05", "train.epochs": "2", "train.weight_decay": "0.3",
+             "method.closed_form_keys": "false"}  # fmt: skip
+    cfg, scenario, method = _method(tiny, **extra)
+    ctx = RunContext(cfg.train, CPU)
+    fit_task(method, scenario.tasks[0], ctx)
+    after0 = _rows(method)
+    fit_task(method, scenario.tasks[1], ctx)
+    after1 = method.checkpoint_state()
+    tables = [k for k in after0 if k.endswith(("ln_weight", "ln_bias")) or k == "ln_keys"]
+    assert len(tables) == 2 * 3 + 1  # norm1, norm2 of one block + final norm; the keys
+    for k in tables:
+        assert torch.equal(after1[k][0], after0[k][0]), f"row 0 of {k} moved during task 1"
+        assert not torch.equal(after1[k][1], after0[k][1]), f"row 1 of {k} was not trained"
+    for k in after0:
+        if k.startswith("head.heads.0."):
+            assert torch.equal(after1[k], after0[k]), k
+
+
+def test_new_task_row_starts_as_a_copy_of_the_previous_one(tiny):
+    cfg, scenario, method = _method(tiny, **{"train.optimizer": "adam", "method.rectify": "false"})
+    fit_task(method, scenario.tasks[0], RunContext(cfg.train, CPU))
+    method.before_task(scenario.tasks[1])
+    for m in task_layernorms(method.model.backbone):
+        assert torch.equal(m.ln_weight[1], m.ln_weight[0]) and torch.equal(m.ln_bias[1], m.ln_bias[0])
+        assert not torch.equal(m.ln_weight[0], m.pretrained_weight)
+
+
+def test_queries_are_the_frozen_pretrained_cls_after_final_norm(tiny):
+    cfg, scenario, method = _method(tiny, **{"train.optimizer": "adam", "train.lr": "0.05"})
+    frozen = copy.deepcopy(method.query_model or method.model.backbone)
+    set_task(frozen, PRETRAINED)  # == the original ViT (checked bit-exactly in the inject test)
+    for task in scenario.tasks:
+        fit_task(method, task, RunContext(cfg.train, CPU))
+    x = torch.stack([scenario.tasks[1].test[i][0] for i in range(6)])
+    with torch.no_grad():
+        expected = frozen.eval().forward_features(x)[:, 0]
+    assert torch.equal(method.queries(x, cache=False), expected)
+    assert torch.equal(method.queries(x, cache=True), expected)
+    _, _, copied = _method(tiny, **{"method.query_model": "copy"})
+    copied.model.load_state_dict(method.model.state_dict())
+    assert torch.equal(copied.queries(x, cache=False), expected)
+
+
+def test_closed_form_key_is_fitted_on_the_task_images(tiny):
+    cfg, scenario, method = _method(tiny)
+    task = scenario.tasks[0]
+    method.before_task(task)
+    x = torch.stack([task.train_eval[i][0] for i in range(len(task.train_eval))])
+    assert torch.allclose(method.model.ln_keys[0], closed_form_key(method.queries(x, cache=False)), atol=1e-6)
+
+
+def test_mixed_task_single_pass_equals_per_task_passes(tiny):
+    cfg, scenario, method = _method(tiny)
+    with torch.no_grad():
+        for m in task_layernorms(method.model.backbone):
+            m.ln_weight.normal_()
+            m.ln_bias.normal_()
+    method.model.eval()
+    x = torch.stack([scenario.tasks[1].test[i][0] for i in range(6)])
+    ids = torch.tensor([1, 0, 0, 1, 1, 0])
+    with torch.no_grad():
+        one_pass = method.task_features(x, ids)
+        method.cfg.mixed_batch = False
+        split = method.task_features(x, ids)
+        each = []
+        for i in range(len(x)):
+            with use_task(method.model.backbone, int(ids[i])):
+                each.append(method.model.features(x[i : i + 1]))
+    assert torch.allclose(one_pass, split, atol=1e-5) and torch.allclose(one_pass, torch.cat(each), atol=1e-5)
+
+
+def test_each_image_goes_through_the_frozen_model_once(tiny):
+    cfg, scenario, method = _method(tiny)
+    ctx = RunContext(cfg.train, CPU)
+    for task in scenario.tasks:
+        fit_task(method, task, ctx)
+        evaluate(method, scenario, task.index, ctx)
+    n_images = sum(len(t.train_eval) + len(t.test) for t in scenario.tasks)
+    assert method.frozen_images == len(method.query_cache) == n_images
+
+
+SCHEDULES = [{}, FAITHFUL, {"method.variant": "single_stage"},
+             {"method.variant": "single_stage", "method.head_features": "online"}]  # fmt: skip
+
+
+@pytest.mark.parametrize("options", SCHEDULES)
+def test_schedules_train_and_predict_task_ids(tiny, options):
+    cfg, scenario, method = _method(tiny, **{"train.optimizer": "adam", "train.lr": "0.01", **options})
+    ctx = RunContext(cfg.train, CPU)
+    before = _rows(method)
+    for task in scenario.tasks:
+        fit_task(method, task, ctx)
+        accs, tid = evaluate(method, scenario, task.index, ctx)
+        assert len(accs) == task.index + 1 and tid is not None and 0 <= tid <= 100
+    after = method.checkpoint_state()
+    assert not torch.equal(after["head.heads.1.weight"], before["head.heads.1.weight"])  # stage 2 ran
+    if "ln_keys" in after:  # two-stage: keys moved from their orthogonal init (Adam or closed form)
+        assert not torch.equal(after["ln_keys"][1], before["ln_keys"][1])
+    x = torch.stack([scenario.tasks[1].test[i][0] for i in range(4)])
+    logits, ids = method.predict(x)
+    assert torch.isfinite(logits[:, : scenario.seen_classes(1)]).all() and ids.shape == (4,) and ids.max() <= 1
+
+
+def test_faithful_and_fast_schedules_agree_when_the_data_is_deterministic(tiny):
+    """With no augmentation, caching and the closed-form pass change cost, not the stage-2 features."""
+    _, scenario, fast = _method(tiny, **{"train.optimizer": "adam"})
+    _, _, slow = _method(tiny, **{"train.optimizer": "adam", **FAITHFUL})
+    slow.model.load_state_dict(fast.model.state_dict())
+    task = scenario.tasks[0]
+    fast.before_task(task)
+    slow.before_task(task)
+    slow.model.ln_keys.data.copy_(fast.model.ln_keys)
+    feats, labels = fast._head_features(task).tensors
+    x = torch.stack([task.train_eval[i][0] for i in range(len(task.train_eval))])
+    assert torch.allclose(slow._online_head_features(x, 0), feats, atol=1e-5)
+
+
+def test_single_stage_has_per_layer_keys_and_a_similarity_term(tiny):
+    cfg, scenario, method = _method(tiny, **{"method.variant": "single_stage"})
+    assert "ln_keys" not in dict(method.model.named_parameters())
+    layer = task_layernorms(method.model.backbone)[0]
+    assert layer.ln_key.shape == layer.ln_att.shape == (2, 32)
+    method.before_task(scenario.tasks[0])
+    x, y = next(iter(torch.utils.data.DataLoader(scenario.tasks[0].train, batch_size=4)))
+    stage = method.stages(scenario.tasks[0])[0]
+    terms = method.loss((x, y), stage)
+    assert set(terms) == {"ce", "sim"} and -1 <= -terms["sim"].item() <= 1
+    assert method.param_breakdown(scenario.tasks[0])["ln"] == 3 * 4 * 32
+
+
+def test_bad_option_is_a_config_error(tiny):
+    with pytest.raises(ConfigError, match="method.head_features='sometimes'; valid: cached, online"):
+        _method(tiny, **{"method.head_features": "sometimes"})
+
+
+# ---------------------------------------------------------------------------------------------- storage + runs
+
+
+def test_vit_b16_stores_38400_ln_values_per_task(capsys):
+    assert main(["inspect", "ln_tuning/cifar100", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    ln, key, head = 25 * 2 * 768, 768, 768 * 10 + 10
+    assert ln == 38_400
+    assert info["bytes_per_task"] == 4 * (ln + key + head)  # one row of every LN table, one key, one head
+    # trainable tensors hold all 10 tasks' rows (only row t receives gradients): tables + keys + head + fake head
+    assert info["trainable_params"] == 10 * ln + 10 * key + 2 * head
+    assert info["class_order_head"] == [23, 8, 11, 7, 48, 13, 1, 91, 94, 54]
+
+
+def test_imagenet_r_preset_order_and_lr():
+    cfg = load_config("ln_tuning/imagenet_r")
+    assert dry_scenario(cfg).class_order[:6] == [131, 181, 22, 172, 144, 92]
+    assert cfg.train.lr == 0.01 * 128 / 256 and cfg.data.normalize == "none" and cfg.scenario.n_tasks == 10
+
+
+def test_export_is_one_file_of_task_rows_that_reloads(tiny, tmp_path):
+    cfg, scenario, method = _method(tiny, **{"train.optimizer": "adam", "train.lr": "0.05"})
+    ctx = RunContext(cfg.train, CPU)
+    for task in scenario.tasks:
+        fit_task(method, task, ctx)
+    path = tmp_path / "ln_tuning.safetensors"
+    method.export(path)
+    method.cfg.export_path = str(tmp_path / "run" / "artefact.safetensors")
+    method.after_task(scenario.tasks[1])  # what a run with method.export_path=... writes after each task
+    written, exported = load_file(str(tmp_path / "run" / "artefact.safetensors")), load_file(str(path))
+    assert written.keys() == exported.keys() and all(torch.equal(written[k], exported[k]) for k in written)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        stored = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
+    assert meta["backbone"] == "vit_nano_patch4_32.untrained" and meta["tasks_trained"] == "2"
+    assert stored == sum(method.bytes_per_task(t) for t in scenario.tasks)
+    _, _, fresh = _method(tiny)
+    fresh.load_export(path)
+    x = torch.stack([scenario.tasks[0].test[i][0] for i in range(4)])
+    method.model.eval()
+    fresh.model.eval()
+    (a, ia), (b, ib) = method.predict(x), fresh.predict(x)
+    assert torch.equal(a, b) and torch.equal(ia, ib)
+
+
+def test_run_reports_task_id_accuracy_and_resumes_identically(tiny, monkeypatch):
+    from retain import engine
+
+    over = tiny(**{"method.name": "ln_tuning", "train.optimizer": "adam"})
+    full = run(load_config(None, over + ["name=full"]), log=lambda *_: None)
+    assert len(full["task_id_accuracy"]) == 2 and full["bytes_per_task"][0] == 4 * (3 * 2 * 32 + 32 + 2 * 32 + 2)
+    real_fit = engine.fit_task
+
+    def crash_on_second(method_, task, ctx):
+        if task.index == 1:
+            raise KeyboardInterrupt
+        return real_fit(method_, task, ctx)
+
+    monkeypatch.setattr(engine, "fit_task", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run(load_config(None, over + ["name=cut"]), log=lambda *_: None)
+    monkeypatch.setattr(engine, "fit_task", real_fit)
+    resumed = run(load_config(None, over + ["name=cut"]), resume=True, log=lambda *_: None)
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    assert resumed["task_id_accuracy"] == full["task_id_accuracy"]
+
+
+def test_key_stage_loss_is_the_negative_mean_cosine(tiny):
+    cfg, scenario, method = _method(tiny, **{"method.closed_form_keys": "false"})
+    task = scenario.tasks[0]
+    method.before_task(task)
+    stage = method.stages(task)[0]
+    assert stage.name == "keys" and stage.params == ["ln_keys"]
+    x, y = next(iter(torch.utils.data.DataLoader(task.train, batch_size=5)))
+    q = method.queries(x, cache=False)
+    expected = -F.cosine_similarity(q, method.model.ln_keys[0].unsqueeze(0), dim=1).mean()
+    assert torch.allclose(method.loss((x, y), stage)["key"], expected, atol=1e-6)
+
+
+def test_task_incremental_protocol_uses_the_oracle_rows(tiny):
+    cfg, scenario, method = _method(tiny, **{"scenario.protocol": "task_il"})
+    ctx = RunContext(cfg.train, CPU)
+    for task in scenario.tasks:
+        fit_task(method, task, ctx)
+    accs, tid = evaluate(method, scenario, 1, ctx)
+    assert len(accs) == 2 and tid is None  # the task id is given, not predicted
