@@ -12,7 +12,7 @@ from torch import nn
 
 from retain.cli import main
 from retain.config import ConfigError, load_config
-from retain.engine import RunContext, build_run, evaluate, fit_task, run
+from retain.engine import RunContext, build_run, evaluate, fit_task
 from retain.inspect import dry_scenario
 from retain.methods.ln_tuning import closed_form_key, key_loss, select_task
 from retain.models import create_backbone
@@ -24,6 +24,8 @@ from retain.models.task_layernorm import (
     task_layernorms,
     use_task,
 )
+
+from conftest import interrupted_then_resumed
 
 CPU = torch.device("cpu")
 FAITHFUL = {"method.closed_form_keys": "false", "method.head_features": "online", "method.cache_queries": "false",
@@ -167,6 +169,8 @@ def test_closed_form_key_is_fitted_on_the_task_images(tiny):
     method.before_task(task)
     x = torch.stack([task.train_eval[i][0] for i in range(len(task.train_eval))])
     assert torch.allclose(method.model.ln_keys[0], closed_form_key(method.queries(x, cache=False)), atol=1e-6)
+    stages = method.stages(task)  # the key stage stays, with 0 epochs: the LN stage is stage 1 in both schedules
+    assert [s.name for s in stages] == ["keys", "ln", "head"] and stages[0].epochs == 0
 
 
 def test_mixed_task_single_pass_equals_per_task_passes(tiny):
@@ -299,23 +303,9 @@ def test_export_is_one_file_of_task_rows_that_reloads(tiny, tmp_path):
 
 
 def test_run_reports_task_id_accuracy_and_resumes_identically(tiny, monkeypatch):
-    from retain import engine
-
     over = tiny(**{"method.name": "ln_tuning", "train.optimizer": "adam"})
-    full = run(load_config(None, over + ["name=full"]), log=lambda *_: None)
+    full, resumed = interrupted_then_resumed(over, monkeypatch)
     assert len(full["task_id_accuracy"]) == 2 and full["bytes_per_task"][0] == 4 * (3 * 2 * 32 + 32 + 2 * 32 + 2)
-    real_fit = engine.fit_task
-
-    def crash_on_second(method_, task, ctx):
-        if task.index == 1:
-            raise KeyboardInterrupt
-        return real_fit(method_, task, ctx)
-
-    monkeypatch.setattr(engine, "fit_task", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        run(load_config(None, over + ["name=cut"]), log=lambda *_: None)
-    monkeypatch.setattr(engine, "fit_task", real_fit)
-    resumed = run(load_config(None, over + ["name=cut"]), resume=True, log=lambda *_: None)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     assert resumed["task_id_accuracy"] == full["task_id_accuracy"]
 
