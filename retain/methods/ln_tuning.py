@@ -163,9 +163,10 @@ class LNTuning(Method):
     def stages(self, task: Task) -> list[Stage]:
         t, train = task.index, self.train_cfg
         stages = []
-        if not self.single_stage and not self.cfg.closed_form_keys:
+        if not self.single_stage:  # 0 epochs when fitted in closed form (before_task); kept so that the LN stage is
+            # stage 1 in both schedules and the engine shuffles its batches alike
             epochs = train.epochs if self.cfg.key_epochs is None else self.cfg.key_epochs
-            stages.append(Stage("keys", epochs, ["ln_keys"], weight_decay=0.0))
+            stages.append(Stage("keys", 0 if self.cfg.closed_form_keys else epochs, ["ln_keys"], weight_decay=0.0))
         ln_params = [*self.ln_param_names(), f"ln_fake_head.heads.{t}."]
         stages.append(Stage("ln", train.epochs, ln_params, weight_decay=0.0))  # wd would move the old rows
         if self.cfg.rectify:
