@@ -2,18 +2,28 @@
 
 Presets are YAML files under ``retain/configs/<group>/<name>.yaml`` and hold only deviations from the defaults.
 Unknown keys are rejected with the list of valid ones, at load time.
+
+A *choice section* (today only ``method``) is a field whose dataclass is chosen by its ``name`` key among those
+registered in a :class:`~retain.registry.Registry` that lives here (``METHOD_CONFIGS``). Model code registers into
+it (``retain.methods.base.register_method``); this module imports no model code, only, on a lookup of a name not
+registered yet, the registry's provider module named by a string (``"retain.methods"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
+
+from retain.registry import Registry
 
 __all__ = [
     "ConfigError",
@@ -23,6 +33,13 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "RunConfig",
+    "METHOD_CONFIGS",
+    "ChoiceSection",
+    "choice",
+    "choice_sections",
+    "config_name",
+    "YAMLLoader",
+    "load_yaml",
     "PRESET_DIR",
     "preset_names",
     "resolve_preset",
@@ -38,6 +55,44 @@ PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the message names the key and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------- choice sections
+
+METHOD_CONFIGS = Registry("method", provider="retain.methods")  # method config dataclasses by method name
+
+_CHOICE = "retain.choice"  # dataclass field metadata key holding a ChoiceSection
+
+
+@dataclass(frozen=True)
+class ChoiceSection:
+    """A config section whose dataclass is the one registered in ``registry`` under the section's ``name`` key."""
+
+    registry: Registry
+    default: str  # the name chosen when the section is absent
+
+    def config_class(self, name: str) -> type:
+        """The dataclass registered as ``name``; KeyError listing the valid names otherwise."""
+        return self.registry.get(name)
+
+    def create(self, name: str | None = None) -> Any:
+        """The default-valued config of ``name`` (default: the section's default name)."""
+        return self.config_class(self.default if name is None else name)()
+
+
+def choice(registry: Registry, default: str) -> Any:
+    """A dataclass field that is a choice section, e.g. ``method: Any = choice(METHOD_CONFIGS, "finetune")``."""
+    section = ChoiceSection(registry, default)
+    return field(default_factory=section.create, metadata={_CHOICE: section})
+
+
+def config_name(cls: type) -> str:
+    """The name a choice-section dataclass is registered under: the default of its ``name`` field."""
+    if is_dataclass(cls):
+        for f in fields(cls):
+            if f.name == "name" and isinstance(f.default, str) and f.default:
+                return f.default
+    raise TypeError(f'{getattr(cls, "__name__", cls)} needs a dataclass field `name: str = "<its name>"`')
 
 
 @dataclass
@@ -84,6 +139,7 @@ class ScenarioConfig:
     order_rng: str = "python"  # python (random.seed; random.shuffle) | torch (manual_seed; randperm)
     train_fraction: float = 1.0  # keep a seeded per-class fraction of each task's train set (quick runs)
     test_fraction: float = 1.0
+    val_fraction: float = 0.0  # held out of each task's train set per class (seeded) for validation; FACIL: 0.1
 
 
 @dataclass
@@ -101,6 +157,7 @@ class TrainConfig:
     """The engine's loop: optimiser, schedule, batch, precision, device."""
 
     epochs: int = 1
+    steps: int | None = None  # budget per stage in optimiser steps instead of epochs (None: epochs)
     batch_size: int = 32
     eval_batch_size: int = 256
     optimizer: str = "sgd"  # sgd | adam | adamw
@@ -108,10 +165,14 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    schedule: str = "constant"  # constant | cosine
+    schedule: str = "constant"  # constant | cosine | plateau (needs scenario.val_fraction > 0)
     warmup_epochs: float = 0.0
     warmup_steps: int = 0
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # cosine: final lr
+    patience: int = 20  # plateau: epochs without a lower validation loss before the lr is divided
+    lr_factor: float = 3.0  # plateau: lr /= lr_factor (FACIL)
+    stop_lr: float = 1e-4  # plateau: the stage stops when the lr falls below this (FACIL's lr_min)
+    restore_best: bool = True  # plateau: reload the lowest-validation-loss weights at each decay and at the end
     grad_clip: float | None = None
     label_smoothing: float = 0.0
     drop_last: bool = False
@@ -135,13 +196,25 @@ class RunConfig:
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    method: Any = None  # a MethodConfig subclass chosen by ``method.name``
+    method: Any = choice(METHOD_CONFIGS, "finetune")  # a MethodConfig subclass chosen by ``method.name``
 
     def __post_init__(self) -> None:
-        if self.method is None:
-            from retain.methods import method_config_class
+        for f in fields(self):  # None in a choice section: its default
+            if _CHOICE in f.metadata and getattr(self, f.name) is None:
+                setattr(self, f.name, f.metadata[_CHOICE].create())
 
-            self.method = method_config_class("finetune")()
+
+@functools.cache
+def choice_sections(cls: type = RunConfig) -> Mapping[str, ChoiceSection]:
+    """The choice sections of dataclass ``cls`` (nested ones included) by dotted path, e.g. ``{"method": ...}``."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, ChoiceSection] = {}
+    for f in fields(cls):
+        if _CHOICE in f.metadata:
+            out[f.name] = f.metadata[_CHOICE]
+        elif is_dataclass(hints[f.name]):
+            out.update({f"{f.name}.{k}": v for k, v in choice_sections(hints[f.name]).items()})
+    return types.MappingProxyType(out)
 
 
 # ----------------------------------------------------------------------------------------------- dict <-> dataclass
@@ -188,6 +261,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
+    if tp is int and isinstance(value, float):  # 1e4 reads as a float
+        if value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected int, got {value!r} (not a whole number)")
     if tp is str and isinstance(value, str):
         return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -204,25 +281,28 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys here: {', '.join(valid)}")
+    sections = {f.name: f.metadata[_CHOICE] for f in fields(cls) if _CHOICE in f.metadata}
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
-        if cls is RunConfig and name == "method":
-            kwargs[name] = _method_from_dict(value, key)
+        if name in sections:
+            kwargs[name] = _choice_from_dict(sections[name], value, key)
         else:
             kwargs[name] = _coerce(value, hints[name], key)
     return cls(**kwargs)
 
 
-def _method_from_dict(value: Any, key: str) -> Any:
-    from retain.methods import method_config_class
-
+def _choice_from_dict(section: ChoiceSection, value: Any, key: str) -> Any:
     if isinstance(value, str):
         value = {"name": value}
     if not isinstance(value, dict) or "name" not in value:
-        raise ConfigError(f"{key}: expected a mapping with a 'name' (e.g. method.name=finetune), got {value!r}")
+        raise ConfigError(
+            f"{key}: expected a mapping with a 'name' (e.g. {key}.name={section.default}), got {value!r}"
+        )
+    if not isinstance(value["name"], str):
+        raise ConfigError(f"{key}.name: expected str, got {value['name']!r}")
     try:
-        cls = method_config_class(value["name"])
+        cls = section.config_class(value["name"])
     except KeyError as e:
         raise ConfigError(f"{key}.name: {e.args[0]}") from None
     return from_dict(cls, value, key)
@@ -262,34 +342,78 @@ def resolve_preset(name_or_path: str) -> Path:
     )
 
 
+class YAMLLoader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats: ``1e-3``, ``5e-4``, ``1.0e12``, ``-2E+3`` (YAML 1.1: strings)."""
+
+
+YAMLLoader.add_implicit_resolver(  # after the 1.1 float/int resolvers, which it only extends (no dot, unsigned exp)
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(stream: str | bytes | IO[str] | IO[bytes]) -> Any:
+    """Parse YAML as presets and override values are parsed: safe, with YAML 1.2 floats."""
+    return yaml.load(stream, Loader=YAMLLoader)
+
+
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+    return load_yaml(text) if text != "" else ""
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _parent(tree: dict[str, Any], dotted: str) -> tuple[dict[str, Any], str]:
+    """The dict holding the leaf of ``dotted`` (intermediate sections created) and the leaf's key."""
     *parents, leaf = dotted.split(".")
     node = tree
     for p in parents:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"cannot set {dotted}: {p} is not a section")
+    return node, leaf
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node, leaf = _parent(tree, dotted)
     node[leaf] = value
 
 
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` strings (values parsed as YAML) to a nested dict, in place."""
+def _as_section(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+def _merge_choice(old: Any, new: Any) -> Any:
+    """A choice section updated by ``new``: merged when the name stays the same, else replaced by ``new``."""
+    old, new = _as_section(old), _as_section(new)
+    if isinstance(old, dict) and isinstance(new, dict) and new.get("name", old.get("name")) == old.get("name"):
+        return {**old, **new}
+    return new  # another choice: the previous one's options are dropped
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str], cls: type = RunConfig) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings (values parsed as YAML) to a nested dict for dataclass ``cls``, in place.
+
+    Setting a choice section (``method=lwf``, ``method.name=lwf`` or ``method={name: lwf, ...}``) to another name
+    drops the previous choice's options; the same name keeps them.
+    """
+    sections = choice_sections(cls)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
         key, text = item.split("=", 1)
         value = _parse_value(text)
-        if key in ("method", "method.name"):
-            current = tree.get("method") or {}
-            current = {"name": current} if isinstance(current, str) else current
-            # switching to another method drops the previous method's options
-            tree["method"] = current if current.get("name") == value else {"name": value}
-            continue
-        _set_dotted(tree, key, value)
+        if key in sections:
+            node, leaf = _parent(tree, key)
+            node[leaf] = _merge_choice(node.get(leaf), value)
+        elif key.endswith(".name") and key[: -len(".name")] in sections:
+            node, leaf = _parent(tree, key[: -len(".name")])
+            node[leaf] = _merge_choice(node.get(leaf), {"name": value})
+        else:
+            for path in sections:  # `method: lwf` (a bare name) becomes a section before `method.lamb=...`
+                if key.startswith(path + "."):
+                    node, leaf = _parent(tree, path)
+                    node[leaf] = _as_section(node.get(leaf, {}))
+            _set_dotted(tree, key, value)
     return tree
 
 
@@ -303,7 +427,7 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
 def _load_tree(preset: str, depth: int = 0) -> dict[str, Any]:
     path = resolve_preset(preset)
     with open(path) as f:
-        tree = yaml.safe_load(f) or {}
+        tree = load_yaml(f) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
     base = tree.pop("defaults", None)
@@ -314,17 +438,23 @@ def _load_tree(preset: str, depth: int = 0) -> dict[str, Any]:
     return tree
 
 
-def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
+def _deep_update(
+    base: dict[str, Any], new: dict[str, Any], sections: Mapping[str, ChoiceSection] | None = None, prefix: str = ""
+) -> None:
+    """Merge preset ``new`` into its base preset ``base``; a choice section merges only under the same name."""
+    sections = choice_sections(RunConfig) if sections is None else sections
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "method":
-            _deep_update(base[k], v)
-        elif k == "method" and isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = ({**base[k], **v}) if v.get("name", base[k].get("name")) == base[k].get("name") else v
+        path = prefix + k
+        if path in sections:
+            base[k] = _merge_choice(base.get(k), v)
+        elif isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v, sections, path + ".")
         else:
             base[k] = v
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write ``cfg`` resolved, as YAML (the run's ``config.yaml``)."""
     with open(path, "w") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
 

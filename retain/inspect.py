@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from retain.config import ConfigError, RunConfig
 from retain.data.scenarios import Scenario, Task, make_class_order, task_sizes
-from retain.methods import METHODS
-from retain.methods.base import trainable_names
 
 __all__ = ["inspect_config", "KNOWN_NUM_CLASSES"]
 
@@ -36,19 +34,23 @@ def dry_scenario(cfg: RunConfig) -> Scenario:
 
 
 def inspect_config(cfg: RunConfig) -> dict:
-    """Trainable parameters and bytes stored per task (task 0 and the last task) of ``cfg``'s method."""
-    from retain.engine import build_model
+    """Parameters trained and bytes stored per task (task 0 and the last task) of ``cfg``'s method.
+
+    The count is the run's own (``Method.trained_names``: parameters some stage with a budget trains), so
+    ``retain inspect`` and ``metrics.json``'s ``trainable_params`` agree.
+    """
+    from retain.engine.build import build_method, build_model
 
     scenario = dry_scenario(cfg)
     cfg.model.pretrained = False  # never download for an inspection
     model = build_model(cfg, scenario)
-    method = METHODS.get(cfg.method.name)(cfg.method, model, scenario, cfg.train)
+    method = build_method(cfg, model, scenario)
     method.setup()
     params = dict(model.named_parameters())
     per_task = []
     for task in (scenario.tasks[0], scenario.tasks[-1]):
         model.head.n_active = task.index + 1
-        names = trainable_names(model, method.trainable_prefixes(task))
+        names = method.trained_names(task)
         per_task.append((sum(params[n].numel() for n in names), method.bytes_per_task(task)))
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
     return {

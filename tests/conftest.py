@@ -48,18 +48,19 @@ def interrupted_then_resumed(overrides: list[str], monkeypatch) -> tuple[dict, d
     """Run ``overrides`` uninterrupted, then again interrupted before task 1 and resumed; both metric records."""
     from retain import engine
     from retain.config import load_config
+    from retain.engine import loop
 
     full = engine.run(load_config(None, overrides + ["name=full"]), log=lambda *_: None)
-    real_fit = engine.fit_task
+    real_fit = loop.fit_task
 
     def crash_on_second(method, task, ctx):
         if task.index == 1:
             raise KeyboardInterrupt
         return real_fit(method, task, ctx)
 
-    monkeypatch.setattr(engine, "fit_task", crash_on_second)
+    monkeypatch.setattr(loop, "fit_task", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         engine.run(load_config(None, overrides + ["name=cut"]), log=lambda *_: None)
-    monkeypatch.setattr(engine, "fit_task", real_fit)
+    monkeypatch.setattr(loop, "fit_task", real_fit)
     resumed = engine.run(load_config(None, overrides + ["name=cut"]), resume=True, log=lambda *_: None)
     return full, resumed

@@ -1,7 +1,19 @@
+import inspect
+from pathlib import Path
+
 import pytest
 import yaml
 
-from retain.config import ConfigError, RunConfig, config_to_dict, from_dict, load_config, preset_names, save_config
+from retain.config import (
+    ConfigError,
+    RunConfig,
+    config_to_dict,
+    from_dict,
+    load_config,
+    load_yaml,
+    preset_names,
+    save_config,
+)
 from retain.methods import method_names
 
 
@@ -15,7 +27,7 @@ def test_defaults_then_preset_then_overrides():
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown key train\.epoch; valid keys here: epochs, batch_size"):
+    with pytest.raises(ConfigError, match=r"unknown key train\.epoch; valid keys here: epochs, steps, batch_size"):
         load_config(None, ["train.epoch=3"])
 
 
@@ -64,3 +76,108 @@ def test_missing_preset_is_a_clear_error():
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="is not key=value"):
         load_config(None, ["train.epochs"])
+
+
+# ------------------------------------------------------------------------------------------ choice sections (method)
+
+
+def test_default_method_is_finetune():
+    assert RunConfig().method == RunConfig(method=None).method
+    assert config_to_dict(RunConfig())["method"] == {"name": "finetune", "train_mask": "seen"}
+    assert list(config_to_dict(RunConfig()))[-1] == "method"  # saved config.yaml keeps its layout
+
+
+def test_method_section_by_bare_name_mapping_or_name_key():
+    assert load_config(None, ["method=lwf"]).method.name == "lwf"
+    cfg = load_config(None, ["method={name: lwf, lamb: 2}", "method={temperature: 3}"])  # same name: merged
+    assert (cfg.method.name, cfg.method.lamb, cfg.method.temperature) == ("lwf", 2.0, 3.0)
+    cfg = load_config(None, ["method=lwf", "method.lamb=2", "method={name: ewc}"])  # another name: replaced
+    assert cfg.method == load_config(None, ["method.name=ewc"]).method
+    with pytest.raises(ConfigError, match=r"method\.name: expected str, got 3"):
+        load_config(None, ["method.name=3"])
+
+
+def test_preset_defaults_merge_method_only_under_the_same_name(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {epochs: 4}\nmethod: {name: lwf, lamb: 2.0}\n")
+    (tmp_path / "same.yaml").write_text(f"defaults: {base}\ntrain: {{lr: 0.1}}\nmethod: {{temperature: 5}}\n")
+    (tmp_path / "other.yaml").write_text(f"defaults: {base}\nmethod: {{name: ewc}}\n")
+    (tmp_path / "bare.yaml").write_text(f"defaults: {base}\nmethod: lwf\n")
+    cfg = load_config(str(tmp_path / "same.yaml"))
+    assert (cfg.train.epochs, cfg.train.lr) == (4, 0.1)
+    assert (cfg.method.name, cfg.method.lamb, cfg.method.temperature) == ("lwf", 2.0, 5.0)
+    assert load_config(str(tmp_path / "other.yaml")).method == load_config(None, ["method=ewc"]).method
+    assert load_config(str(tmp_path / "bare.yaml")).method.lamb == 2.0
+
+
+def test_every_method_name_is_written_once():
+    from retain.config import METHOD_CONFIGS, config_name
+    from retain.methods import METHODS
+
+    assert METHOD_CONFIGS.names() == METHODS.names() == method_names()
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        assert cls.name == name == config_name(cls.config_class) == cls.config_class().name
+        assert METHOD_CONFIGS.get(name) is cls.config_class
+        assert Path(inspect.getfile(cls)).name == f"{name}.py" and Path(inspect.getfile(cls)).parent.name == "methods"
+
+
+def test_register_method_rejects_a_second_spelling_of_the_name():
+    from retain.config import config_name
+    from retain.methods import METHODS, MethodConfig, register_method
+
+    lwf = METHODS.get("lwf")
+    with pytest.raises(ValueError, match=r"register_method\('lw_f'\) on LwF: its config_class's name is 'lwf'"):
+        register_method("lw_f")(lwf)
+    with pytest.raises(ValueError, match="'lwf' is already registered"):
+        register_method("lwf")(lwf)
+    with pytest.raises(TypeError, match="MethodConfig needs a dataclass field `name"):
+        config_name(MethodConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------- numbers
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1e-3", 1e-3), ("5e-4", 5e-4), ("1.0e12", 1.0e12), ("-2E+3", -2000.0), (".5", 0.5), ("1e3", 1000.0),
+     ("+1.5e-2", 0.015), ("0.1", 0.1), ("1.0e+12", 1.0e12)],
+)  # fmt: skip
+def test_yaml_floats(text, expected):
+    assert type(load_yaml(text)) is float and load_yaml(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("3", 3), ("-7", -7), ("0", 0), ("true", True), ("false", False), ("null", None), ("~", None),
+     ("cifar100", "cifar100"), ("1e-3abc", "1e-3abc"), ("e5", "e5"), ("1e", "1e"), ("1.2.3", "1.2.3"),
+     ("[1e-3, 2]", [1e-3, 2]), ("{a: 5e-4}", {"a": 5e-4})],
+)  # fmt: skip
+def test_yaml_non_floats_unchanged(text, expected):
+    assert load_yaml(text) == expected and type(load_yaml(text)) is type(expected)
+
+
+def test_float_overrides_and_int_fields():
+    cfg = load_config(None, ["train.lr=1e-3", "train.weight_decay=5e-4", "train.stop_lr=1.0e12", "train.steps=1e4"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.stop_lr) == (1e-3, 5e-4, 1.0e12)
+    assert cfg.train.steps == 10000 and type(cfg.train.steps) is int
+    assert type(load_config(None, ["train.epochs=2e0"]).train.epochs) is int
+    assert load_config(None, ["data.name=cifar100"]).data.name == "cifar100"
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected int, got 2\.5 \(not a whole number\)"):
+        load_config(None, ["train.epochs=2.5"])
+    with pytest.raises(ConfigError, match=r"train\.steps: expected int, got 0\.001"):
+        load_config(None, ["train.steps=1e-3"])
+    with pytest.raises(ConfigError, match=r"train\.lr: expected float, got '1e-3abc'"):
+        load_config(None, ["train.lr=1e-3abc"])
+
+
+def test_preset_file_floats(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("defaults: demo/default\ntrain:\n  lr: 5e-4\n  weight_decay: 1e-3\n  steps: 2e3\n")
+    cfg = load_config(str(path))
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.steps) == (5e-4, 1e-3, 2000)
+    assert cfg.data.name == "digits"  # from demo/default
+    save_config(cfg, tmp_path / "config.yaml")
+    assert config_to_dict(from_dict(RunConfig, load_yaml((tmp_path / "config.yaml").read_text()))) == config_to_dict(
+        cfg
+    )

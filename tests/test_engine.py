@@ -5,7 +5,7 @@ import torch
 
 from retain import engine
 from retain.config import load_config
-from retain.engine import RunError, build_scheduler, run
+from retain.engine import RunError, build_schedule, run
 from retain.methods.base import Stage
 
 from conftest import interrupted_then_resumed
@@ -54,7 +54,7 @@ def test_cosine_schedule_with_warmup():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
     cfg = load_config(None, ["train.schedule=cosine", "train.warmup_steps=2", "train.min_lr=0.1"]).train
-    sched = build_scheduler(opt, cfg, total_steps=10, steps_per_epoch=5)
+    sched = build_schedule(opt, cfg, steps_per_epoch=5, total_steps=10)
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])

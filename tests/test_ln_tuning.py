@@ -214,7 +214,8 @@ def test_schedules_train_and_predict_task_ids(tiny, options):
     before = _rows(method)
     for task in scenario.tasks:
         fit_task(method, task, ctx)
-        accs, tid = evaluate(method, scenario, task.index, ctx)
+        ev = evaluate(method, scenario, task.index, ctx)
+        accs, tid = ev.primary, ev.task_id
         assert len(accs) == task.index + 1 and tid is not None and 0 <= tid <= 100
     after = method.checkpoint_state()
     assert not torch.equal(after["head.heads.1.weight"], before["head.heads.1.weight"])  # stage 2 ran
@@ -266,8 +267,11 @@ def test_vit_b16_stores_38400_ln_values_per_task(capsys):
     ln, key, head = 25 * 2 * 768, 768, 768 * 10 + 10
     assert ln == 38_400
     assert info["bytes_per_task"] == 4 * (ln + key + head)  # one row of every LN table, one key, one head
-    # trainable tensors hold all 10 tasks' rows (only row t receives gradients): tables + keys + head + fake head
-    assert info["trainable_params"] == 10 * ln + 10 * key + 2 * head
+    # what a run trains by gradient (tensors hold all 10 tasks' rows; only row t moves): tables + head + fake head;
+    # closed-form keys are fitted, not trained, and count only when trained by Adam (the original schedule)
+    assert info["trainable_params"] == 10 * ln + 2 * head
+    assert main(["inspect", "ln_tuning/cifar100", "method.closed_form_keys=false", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trainable_params"] == 10 * ln + 10 * key + 2 * head
     assert info["class_order_head"] == [23, 8, 11, 7, 48, 13, 1, 91, 94, 54]
 
 
@@ -327,5 +331,11 @@ def test_task_incremental_protocol_uses_the_oracle_rows(tiny):
     ctx = RunContext(cfg.train, CPU)
     for task in scenario.tasks:
         fit_task(method, task, ctx)
-    accs, tid = evaluate(method, scenario, 1, ctx)
-    assert len(accs) == 2 and tid is None  # the task id is given, not predicted
+    ev = evaluate(method, scenario, 1, ctx)
+    # task-aware view: the given task's rows; task-agnostic view: routed by the keys, so task ids are predicted
+    assert set(ev.accuracy) == {"taw", "tag"} and len(ev.accuracy["taw"]) == 2 and ev.task_id is not None
+    x = torch.stack([scenario.tasks[0].test[i][0] for i in range(len(scenario.tasks[0].test))])
+    y = torch.tensor([scenario.tasks[0].test[i][1] for i in range(len(scenario.tasks[0].test))])
+    with use_task(method.model.backbone, 0):
+        oracle = method.model.eval()(x)[:, :2].argmax(1)
+    assert ev.accuracy["taw"][0] == pytest.approx(100.0 * (oracle == y).float().mean().item())

@@ -4,7 +4,7 @@ import torch
 
 from retain.config import ConfigError, ScenarioConfig
 from retain.data import create_dataset
-from retain.data.scenarios import create_scenario, make_class_order, task_sizes
+from retain.data.scenarios import Task, create_scenario, make_class_order, task_sizes
 
 
 def test_python_order_matches_ln_tuning_cifar100_seed0():
@@ -66,3 +66,66 @@ def test_use_tasks_and_fractions():
     assert all(len(t.train) == 2 * 5 for t in sc.tasks)  # half of 10 per class, 2 classes
     counts = np.bincount(sc.tasks[0].train.targets)
     assert counts.tolist() == [5, 5]
+
+
+def _with_transforms(n_classes=4, n=50):
+    train, test = _synthetic(n_classes=n_classes, n=n)
+    train_aug = train.with_transform(lambda x: x.float() + 1000.0)  # stands in for augmentation
+    train_eval = train.with_transform(lambda x: x.float())  # the deterministic test transform
+    return train_aug, test, train_eval
+
+
+def test_val_fraction_holds_out_a_seeded_per_class_fraction_over_the_test_transform():
+    train, test, train_eval = _with_transforms(n_classes=4, n=50)
+    cfg = ScenarioConfig(n_tasks=2, order_seed=None, val_fraction=0.1)
+    sc = create_scenario(train, test, cfg, train_eval, seed=3)
+    for task in sc.tasks:
+        val, tr = task.val, task.train
+        assert np.bincount(val.targets).tolist()[task.offset :] == [5, 5]  # 10% of 50 per class
+        assert np.bincount(tr.targets).tolist()[task.offset :] == [45, 45]
+        assert not set(val.indices) & set(tr.indices)
+        assert (
+            sorted(set(val.indices) | set(tr.indices)) == np.flatnonzero(np.isin(train.targets, task.classes)).tolist()
+        )
+        assert np.array_equal(task.train_eval.indices, tr.indices)
+        assert val.base is train_eval and tr.base is train
+        x, y = val[0]
+        assert torch.equal(x, train_eval[int(val.indices[0])][0]) and x.max() <= 255  # test transform, not train's
+        assert y == train.targets[val.indices[0]]  # natural order: label = class id
+    again = create_scenario(train, test, cfg, train_eval, seed=3)
+    other = create_scenario(train, test, cfg, train_eval, seed=4)
+    assert all(np.array_equal(a.val.indices, b.val.indices) for a, b in zip(sc.tasks, again.tasks, strict=True))
+    assert not np.array_equal(sc.tasks[0].val.indices, other.tasks[0].val.indices)
+    # each task draws with its own seed (seed + 2000 + t): not the same positions within its 100 samples
+    assert not np.array_equal(sc.tasks[0].val.indices, sc.tasks[1].val.indices - 100)
+
+
+def test_val_fraction_zero_leaves_tasks_unchanged_and_small_classes_keep_a_train_sample():
+    train, test, train_eval = _with_transforms(n_classes=4, n=50)
+    for kw in (dict(), dict(train_fraction=0.3, test_fraction=0.5)):
+        base = create_scenario(train, test, ScenarioConfig(n_tasks=2, **kw), train_eval, seed=1)
+        zero = create_scenario(train, test, ScenarioConfig(n_tasks=2, val_fraction=0.0, **kw), train_eval, seed=1)
+        for a, b in zip(base.tasks, zero.tasks, strict=True):
+            assert b.val is None
+            for name in ("train", "test", "train_eval"):
+                assert np.array_equal(getattr(a, name).indices, getattr(b, name).indices)
+        # the hold-out comes after train_fraction: 15 per class -> round(1.5) = 2 held out
+        held = create_scenario(train, test, ScenarioConfig(n_tasks=2, val_fraction=0.1, **kw), train_eval, seed=1)
+        for a, b in zip(base.tasks, held.tasks, strict=True):
+            assert set(b.train.indices) | set(b.val.indices) == set(a.train.indices)
+            if kw:
+                assert np.bincount(b.val.targets).tolist()[b.offset :] == [2, 2]
+    small_train, small_test = _synthetic(n_classes=2, n=2)
+    sc = create_scenario(small_train, small_test, ScenarioConfig(n_tasks=1, val_fraction=0.01))
+    assert np.bincount(sc.tasks[0].val.targets).tolist() == [1, 1]  # at least one per class ...
+    sc = create_scenario(small_train, small_test, ScenarioConfig(n_tasks=1, val_fraction=0.9))
+    assert np.bincount(sc.tasks[0].train.targets).tolist() == [1, 1]  # ... and at least one left to train on
+
+
+def test_val_fraction_is_validated_and_task_keeps_positional_construction():
+    train, test = _synthetic()
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match=r"scenario.val_fraction"):
+            create_scenario(train, test, ScenarioConfig(n_tasks=3, val_fraction=bad))
+    task = Task(0, [0, 1], 0, train, test, train)
+    assert task.val is None

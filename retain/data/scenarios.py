@@ -42,7 +42,7 @@ class RemappedSubset(Dataset):
 
 @dataclass
 class Task:
-    """One step of the stream: its classes (original ids, in order) and its remapped train/test sets."""
+    """One step of the stream: its classes (original ids, in order) and its remapped train/val/test sets."""
 
     index: int
     classes: list[int]
@@ -50,6 +50,7 @@ class Task:
     train: Dataset
     test: Dataset
     train_eval: Dataset  # train images with the deterministic test transform (feature caching, key fitting)
+    val: Dataset | None = None  # held out of train (scenario.val_fraction), test transform; None: no validation
 
     @property
     def n_classes(self) -> int:
@@ -146,16 +147,35 @@ def _fraction(indices: np.ndarray, targets: np.ndarray, fraction: float, seed: i
     return np.sort(np.concatenate(keep))
 
 
+def _holdout(indices: np.ndarray, targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``indices`` into (kept, held out): a seeded per-class ``round(n * fraction)``, at least 1 and at most
+    ``n - 1`` for a class with ``n >= 2`` samples, none for a class of one (FACIL's per-class validation split)."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(targets[indices]):
+        idx = indices[targets[indices] == c]
+        k = min(max(1, round(len(idx) * fraction)), len(idx) - 1)
+        held.append(rng.choice(idx, size=k, replace=False))
+    held = np.sort(np.concatenate(held)) if held else np.empty(0, dtype=np.int64)
+    return indices[~np.isin(indices, held)], held
+
+
 def create_scenario(train_set: Dataset, test_set: Dataset, cfg: ScenarioConfig, train_eval_set: Dataset | None = None,
                     seed: int = 0) -> Scenario:  # fmt: skip
     """Split ``train_set``/``test_set`` (same classes; ``targets`` attribute) into tasks.
 
     Args:
         train_eval_set: the train images with the test transform; defaults to ``train_set``.
-        seed: for ``train_fraction``/``test_fraction`` subsampling only.
+        seed: for ``train_fraction``/``test_fraction`` subsampling and the ``val_fraction`` hold-out only.
+
+    With ``cfg.val_fraction > 0`` each task's ``val`` holds that seeded per-class fraction of its train samples
+    (after ``train_fraction``; seed ``seed + 2000 + t``) over ``train_eval_set``, removed from ``train`` and
+    ``train_eval`` (FACIL, Masana et al. TPAMI 2022: 0.1); otherwise ``val`` is None.
     """
     if cfg.protocol not in PROTOCOLS:
         raise ConfigError(f"scenario.protocol={cfg.protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ConfigError(f"scenario.val_fraction={cfg.val_fraction}; use a value in [0, 1) (FACIL: 0.1)")
     n_classes = len(train_set.classes)
     order = make_class_order(n_classes, cfg)
     sizes = task_sizes(n_classes, cfg)
@@ -170,6 +190,9 @@ def create_scenario(train_set: Dataset, test_set: Dataset, cfg: ScenarioConfig, 
         classes = order[offset : offset + size]
         tr = _fraction(np.flatnonzero(np.isin(y_train, classes)), y_train, cfg.train_fraction, seed + t)
         te = _fraction(np.flatnonzero(np.isin(y_test, classes)), y_test, cfg.test_fraction, seed + 1000 + t)
+        va = None
+        if cfg.val_fraction > 0:
+            tr, va = _holdout(tr, y_train, cfg.val_fraction, seed + 2000 + t)
         tasks.append(
             Task(
                 t,
@@ -178,6 +201,7 @@ def create_scenario(train_set: Dataset, test_set: Dataset, cfg: ScenarioConfig, 
                 RemappedSubset(train_set, tr, label_map),
                 RemappedSubset(test_set, te, label_map),
                 RemappedSubset(train_eval_set, tr, label_map),
+                None if va is None else RemappedSubset(train_eval_set, va, label_map),
             )  # fmt: skip
         )
         offset += size

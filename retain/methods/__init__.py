@@ -1,4 +1,8 @@
-"""Continual-learning methods: one file each, registered by name (``create_method("finetune", ...)``)."""
+"""Continual-learning methods: one file each, registered by name (``create_method("finetune", ...)``).
+
+A method's name is written once, as the default of its config's ``name`` field (equal to its file stem);
+``@register_method`` registers the method in ``METHODS`` and its config in ``retain.config.METHOD_CONFIGS``.
+"""
 
 from retain.methods import confit, ewc, finetune, joint, linear_probe, ln_tuning, lwf, simplecil  # noqa: F401  (fill the registry)
 from retain.methods.base import METHODS, ContinualModel, Method, MethodConfig, Stage, mark_trainable, register_method
@@ -8,8 +12,10 @@ __all__ = ["METHODS", "Method", "MethodConfig", "Stage", "ContinualModel", "regi
 
 
 def method_config_class(name: str) -> type[MethodConfig]:
+    """The config dataclass of the method registered as ``name``."""
     return METHODS.get(name).config_class
 
 
 def method_names() -> list[str]:
+    """Registered method names, sorted."""
     return METHODS.names()

@@ -1,85 +1,104 @@
 """The method lifecycle. The engine owns the loop and the optimiser step; a method contributes hooks:
 
 ``setup()`` once, ``before_task(task)``, ``stages(task)`` (what to train, for how long, with which optimiser),
-``loss(batch, stage) -> {name: tensor}`` (summed by the engine, each term logged), ``after_task(task)``, and
-``predict(x, task_id)`` where inference differs from ``model(x)``.
+``loss(batch, stage) -> {name: tensor}`` (summed by the engine, each term logged), ``after_task(task)``,
+``predict(x, task_id)`` where inference differs from ``model(x)``, ``features(x)`` for the retention probe, and
+the ``evaluating()`` / ``training()`` pair around every evaluation. Extra passes over data (Fisher, prototypes,
+keys, caches) go through ``self.loader(data)``, which the engine provides.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from retain.config import METHOD_CONFIGS, config_name
 from retain.data.scenarios import Scenario, Task
+from retain.features import extract_features
+from retain.models.adapters import mark_trainable, trainable_names
+from retain.models.continual import ContinualModel
 from retain.registry import Registry
 
-__all__ = ["MethodConfig", "Method", "Stage", "ContinualModel", "METHODS", "register_method", "mark_trainable",
-           "trainable_names"]  # fmt: skip
+__all__ = [
+    "MethodConfig",
+    "Method",
+    "Stage",
+    "ContinualModel",
+    "METHODS",
+    "register_method",
+    "mark_trainable",
+    "trainable_names",
+]  # fmt: skip  (ContinualModel, mark_trainable, trainable_names: re-exported from models)
 
 METHODS = Registry("method")
 
 
-def register_method(name: str):
-    """Class decorator: ``@register_method("finetune")`` on a Method subclass with a ``config_class``."""
+def register_method(cls: type[Method] | str | None = None, /) -> Any:
+    """Class decorator, used bare (``@register_method``) on a Method subclass with its own ``config_class``.
 
-    def deco(cls: type[Method]) -> type[Method]:
-        cls.name = name
-        return METHODS.register(name)(cls)
+    The method's name is written once, as the default of its config's ``name`` field; it becomes ``cls.name``,
+    the ``METHODS`` key of ``cls`` and the ``retain.config.METHOD_CONFIGS`` key of ``cls.config_class`` (which
+    ``method.name=...`` looks up). ``@register_method("x")`` is accepted only where ``"x"`` is that name.
+    """
+    explicit = cls if isinstance(cls, str) else None
 
-    return deco
+    def deco(method: type[Method]) -> type[Method]:
+        name = config_name(method.config_class)
+        if explicit is not None and explicit != name:
+            raise ValueError(
+                f"@register_method({explicit!r}) on {method.__name__}: its config_class's name is {name!r}; "
+                "write the name once, in the config, and use a bare @register_method"
+            )
+        if name in METHODS or name in METHOD_CONFIGS:
+            raise ValueError(
+                f"method {name!r} is already registered (does {method.__name__} define its own config_class?)"
+            )
+        method.name = name
+        METHOD_CONFIGS.register(name)(method.config_class)
+        return METHODS.register(name)(method)
+
+    return deco if cls is None or explicit is not None else deco(cls)
 
 
 @dataclass
 class MethodConfig:
+    """Options every method has. Each method subclasses it with ``name: str = "<method>"``: the only place its
+    name is written (``register_method`` derives it from there; it is also the method's file stem)."""
+
     name: str = ""
     train_mask: str = "seen"  # class-IL training CE over: seen | current (task's classes only) | all
 
 
 @dataclass
 class Stage:
-    """One phase of training a task: which parameters, how many epochs, optimiser overrides, optional data."""
+    """One phase of training a task: which parameters, for how long, optimiser overrides, optional data.
+
+    The budget is ``steps`` optimiser steps when set, else ``epochs`` passes over the data. ``data`` may be a
+    dataset or a zero-argument callable building one when the stage starts (e.g. features that depend on what
+    the stage before trained); None means ``method.train_dataset(task)``, and only then is the task's validation
+    split (if any) evaluated after each epoch.
+    """
 
     name: str
     epochs: int
-    params: list[str]  # parameter-name prefixes of ``method.model`` trained in this stage
+    params: list[str]  # parameter-name patterns of ``method.model`` (prefixes or globs, ``adapters.matches``)
     lr: float | None = None
     optimizer: str | None = None
     weight_decay: float | None = None
-    data: Dataset | None = None  # None: method.train_dataset(task)
+    data: Dataset | Callable[[], Dataset] | None = None
     batch_size: int | None = None
+    steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-
-class ContinualModel(nn.Module):
-    """A backbone (timm surface, no classifier) and task heads."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)  # (B, D)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))  # (B, C)
-
-
-def mark_trainable(model: nn.Module, prefixes: list[str]) -> int:
-    """Freeze every parameter whose name starts with none of ``prefixes``; returns the trainable count."""
-    n = 0
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(name.startswith(pre) for pre in prefixes))
-        n += p.numel() if p.requires_grad else 0
-    return n
-
-
-def trainable_names(model: nn.Module, prefixes: list[str]) -> list[str]:
-    return [n for n, _ in model.named_parameters() if any(n.startswith(p) for p in prefixes)]
+    @property
+    def has_budget(self) -> bool:
+        return (self.steps if self.steps is not None else self.epochs) > 0
 
 
 class Method:
@@ -87,11 +106,21 @@ class Method:
 
     name = "base"
     config_class = MethodConfig
+    task_aware_predict = False  # True when ``predict(x, task_id)`` uses the task id beyond slicing the logits
 
     def __init__(self, cfg: MethodConfig, model: ContinualModel, scenario: Scenario, train_cfg: Any) -> None:
         self.cfg, self.model, self.scenario, self.train_cfg = cfg, model, scenario, train_cfg
         self.task: Task | None = None
         self.device = torch.device("cpu")
+        self.make_loader: Callable[[Dataset, int], DataLoader] | None = None  # set by the engine
+
+    def to(self, device: torch.device | str) -> Method:
+        """Move the model and every other module the method holds (frozen copies, query models) to ``device``."""
+        self.device = torch.device(device)
+        for value in vars(self).values():
+            if isinstance(value, nn.Module):
+                value.to(self.device)
+        return self
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -104,7 +133,14 @@ class Method:
         return ["backbone.", f"head.heads.{task.index}."]
 
     def stages(self, task: Task) -> list[Stage]:
-        return [Stage("train", self.train_cfg.epochs, self.trainable_prefixes(task))]
+        return [Stage("train", self.train_cfg.epochs, self.trainable_prefixes(task), steps=self.train_cfg.steps)]
+
+    def trained_names(self, task: Task, stages: list[Stage] | None = None) -> list[str]:
+        """Names of the parameters some stage of ``task`` trains: what a run counts and ``retain inspect`` shows."""
+        names: set[str] = set()
+        for stage in self.stages(task) if stages is None else stages:
+            names |= set(trainable_names(self.model, stage.params)) if stage.has_budget else set()
+        return [n for n, _ in self.model.named_parameters() if n in names]
 
     def train_dataset(self, task: Task) -> Dataset:
         return task.train
@@ -128,6 +164,37 @@ class Method:
     def predict(self, x: torch.Tensor, task_id: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits over all scenario labels (unseen masked); optionally also predicted task ids (B,)."""
         return self.model(x)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) backbone features as deployed (routing, merged adapters): what the retention k-NN probes."""
+        return self.model.features(x)
+
+    def evaluating(self) -> None:
+        """Called before every evaluation (e.g. merge adapters into the weights)."""
+
+    def training(self) -> None:
+        """Called after every evaluation, before training may continue (e.g. unmerge, restore the current state)."""
+
+    # ---- extra passes over data -----------------------------------------------------------------------------------
+    def loader(self, data: Dataset, batch_size: int | None = None) -> DataLoader:
+        """An in-order loader for a pass that is not training (Fisher, prototypes, keys, caches); built by the
+        engine when it runs the method, so multi-process runs can shard it."""
+        batch_size = batch_size or self.train_cfg.eval_batch_size
+        if self.make_loader is not None:
+            return self.make_loader(data, batch_size)
+        return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+    @torch.no_grad()
+    def extract_features(self, data: Dataset, forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                         batch_size: int | None = None) -> TensorDataset:  # fmt: skip
+        """(features (N, D), labels (N,)) of ``data`` in eval mode through ``forward`` (default the model's
+        backbone features); the model's train/eval mode is restored afterwards."""
+        was_training = self.model.training
+        self.model.eval()
+        data = extract_features(forward or self.model.features, self.loader(data, batch_size), self.device)
+        self.model.train(was_training)
+        return data
 
     # ---- helpers --------------------------------------------------------------------------------------------------
     @staticmethod

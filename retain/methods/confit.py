@@ -32,7 +32,7 @@ class ConFiTConfig(MethodConfig):
     tracker_momentum: float = 0.1  # EMA momentum of the conv-input mean trackers (BN's default)
 
 
-@register_method("confit")
+@register_method
 class ConFiT(Method):
     """Hierarchical fine-tuning with Xconv BN; the optimiser, learning rate and epochs E come from ``train``.
 
@@ -41,6 +41,7 @@ class ConFiT(Method):
     """
 
     config_class = ConFiTConfig
+    task_aware_predict = True  # an old task is evaluated with its own BN state
 
     def __init__(self, cfg: ConFiTConfig, model: ContinualModel, scenario: Scenario, train_cfg: Any) -> None:
         super().__init__(cfg, model, scenario, train_cfg)
@@ -85,6 +86,9 @@ class ConFiT(Method):
         if self.xbn is not None:
             self.xbn.snapshot(self.model.backbone, task.index)
         self._loaded = None
+
+    def training(self) -> None:
+        self.set_task(None)  # evaluation may have left an old task's BN state in the backbone
 
     def resume(self, last_task: Task) -> None:
         super().resume(last_task)

@@ -48,7 +48,7 @@ def diagonal_fisher(model, loader: DataLoader, device: torch.device, n_seen: int
     return {n: f / max(n_samples, 1) for n, f in fisher.items()}
 
 
-@register_method("ewc")
+@register_method
 class EWC(Method):
     config_class = EWCConfig
 
@@ -74,7 +74,7 @@ class EWC(Method):
     def after_task(self, task: Task) -> None:
         for p in self.model.backbone.parameters():
             p.requires_grad_(True)
-        loader = DataLoader(task.train_eval, batch_size=self.cfg.fisher_batch_size, shuffle=False)
+        loader = self.loader(task.train_eval, self.cfg.fisher_batch_size)
         new = diagonal_fisher(self.model, loader, self.device, task.offset + task.n_classes)
         a = self.cfg.alpha
         self.fisher = {n: a * self.fisher[n] + (1 - a) * f if n in self.fisher else f for n, f in new.items()}

@@ -18,7 +18,7 @@ class FinetuneConfig(MethodConfig):
     name: str = "finetune"
 
 
-@register_method("finetune")
+@register_method
 class Finetune(Method):
     config_class = FinetuneConfig
 

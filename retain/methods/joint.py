@@ -23,7 +23,7 @@ class JointConfig(MethodConfig):
     name: str = "joint"
 
 
-@register_method("joint")
+@register_method
 class Joint(Finetune):
     config_class = JointConfig
 

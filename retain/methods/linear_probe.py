@@ -10,12 +10,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from retain.data.scenarios import Task
-from retain.methods.base import ContinualModel, Method, MethodConfig, Stage, register_method
+from retain.methods.base import Method, MethodConfig, Stage, register_method
 
-__all__ = ["LinearProbeConfig", "LinearProbe", "extract_features"]
+__all__ = ["LinearProbeConfig", "LinearProbe"]
 
 
 @dataclass
@@ -23,20 +22,7 @@ class LinearProbeConfig(MethodConfig):
     name: str = "linear_probe"
 
 
-@torch.no_grad()
-def extract_features(model: ContinualModel, data: Dataset, batch_size: int, device: torch.device) -> TensorDataset:
-    """(features (N, D), labels (N,)) of ``data`` through the frozen backbone in eval mode."""
-    was_training = model.training
-    model.eval()
-    feats, labels = [], []
-    for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
-        feats.append(model.features(x.to(device)).float().cpu())  # (B, D)
-        labels.append(y)
-    model.train(was_training)
-    return TensorDataset(torch.cat(feats), torch.cat(labels))
-
-
-@register_method("linear_probe")
+@register_method
 class LinearProbe(Method):
     config_class = LinearProbeConfig
 
@@ -44,7 +30,7 @@ class LinearProbe(Method):
         return self.seen_heads(task)
 
     def stages(self, task: Task) -> list[Stage]:
-        cached = extract_features(self.model, task.train_eval, self.train_cfg.eval_batch_size, self.device)
+        cached = lambda: self.extract_features(task.train_eval)  # noqa: E731  (built when the stage starts)
         return [Stage("head", self.train_cfg.epochs, self.trainable_prefixes(task), data=cached)]
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor], stage: Stage) -> dict[str, torch.Tensor]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from retain.config import ConfigError
 from retain.data.scenarios import Scenario, Task
@@ -79,25 +78,6 @@ def closed_form_key(query: torch.Tensor) -> torch.Tensor:
     return F.normalize(F.normalize(query, dim=-1).sum(0), dim=0)
 
 
-class _Deferred(Dataset):
-    """A dataset built on first use: stage 2's features need the LN rows the stage before it trains."""
-
-    def __init__(self, build: Callable[[], Dataset]) -> None:
-        self._build, self._data = build, None
-
-    @property
-    def data(self) -> Dataset:
-        if self._data is None:
-            self._data = self._build()
-        return self._data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int):
-        return self.data[i]
-
-
 def _digests(x: torch.Tensor) -> list[bytes]:
     """One 128-bit content hash per sample of x (B, ...): the query cache's keys."""
     raw = x.detach().cpu().contiguous().flatten(1).view(torch.uint8).numpy()  # (B, bytes)
@@ -105,11 +85,12 @@ def _digests(x: torch.Tensor) -> list[bytes]:
     return [hashlib.blake2b(head + row.tobytes(), digest_size=16).digest() for row in raw]
 
 
-@register_method("ln_tuning")
+@register_method
 class LNTuning(Method):
     """Per-task LayerNorm rows selected by task keys; see the module docstring."""
 
     config_class = LNTuningConfig
+    task_aware_predict = True  # task-IL evaluation uses the oracle task's LN rows
 
     def __init__(self, cfg: LNTuningConfig, model: ContinualModel, scenario: Scenario, train_cfg) -> None:
         super().__init__(cfg, model, scenario, train_cfg)
@@ -170,7 +151,7 @@ class LNTuning(Method):
         ln_params = [*self.ln_param_names(), f"ln_fake_head.heads.{t}."]
         stages.append(Stage("ln", train.epochs, ln_params, weight_decay=0.0))  # wd would move the old rows
         if self.cfg.rectify:
-            data = _Deferred(lambda: self._head_features(task)) if self.cfg.head_features == "cached" else None
+            data = (lambda: self._head_features(task)) if self.cfg.head_features == "cached" else None
             stages.append(Stage("head", self.cfg.head_epochs, [f"head.heads.{t}."], lr=self.cfg.head_lr,
                                 optimizer="adam", weight_decay=0.0, data=data))  # fmt: skip
         return stages
@@ -209,6 +190,15 @@ class LNTuning(Method):
         upto = self.task.index if self.task is not None else 0
         feats, ids = self.inference_features(x, upto, cache=self.cfg.cache_queries)
         return self.model.head(feats), ids
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) as deployed, for the retention probe: the pre-trained rows before the first task, afterwards
+        the test-time routing among the tasks seen so far (never task 0's rows by default)."""
+        if self.task is None:
+            with use_task(self.model.backbone, PRETRAINED):
+                return self.model.features(x)
+        return self.inference_features(x, self.task.index, cache=False)[0]
 
     def resume(self, last_task: Task) -> None:
         super().resume(last_task)
@@ -278,14 +268,11 @@ class LNTuning(Method):
         return self.task_features(x, ids), ids
 
     # ---- keys and stage-2 data ------------------------------------------------------------------------------------
-    def _loader(self, data: Dataset) -> DataLoader:
-        return DataLoader(data, batch_size=self.train_cfg.eval_batch_size, shuffle=False)
-
     @torch.no_grad()
     def fit_key(self, task: Task) -> None:
         """Closed-form key of ``task`` from one pass over its training images (deterministic transform)."""
         total = None
-        for x, _ in self._loader(task.train_eval):
+        for x, _ in self.loader(task.train_eval):
             q = F.normalize(self.queries(x.to(self.device), self.cfg.cache_queries).float(), dim=-1)  # (B, D)
             total = q.sum(0) if total is None else total + q.sum(0)
         self.model.ln_keys[task.index].copy_(F.normalize(total, dim=0))
@@ -296,7 +283,7 @@ class LNTuning(Method):
         was_training = self.model.training
         self.model.eval()
         feats, labels = [], []
-        for x, y in self._loader(task.train_eval):
+        for x, y in self.loader(task.train_eval):
             f, _ = self.inference_features(x.to(self.device), task.index, self.cfg.cache_queries)
             feats.append(f.float().cpu())  # (B, D)
             labels.append(y)

@@ -37,7 +37,7 @@ def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temper
     return -(p_old * p_new.log()).sum(dim=1).mean()
 
 
-@register_method("lwf")
+@register_method
 class LwF(Method):
     config_class = LwFConfig
 

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from retain.data.scenarios import Task
 from retain.methods.base import Method, MethodConfig, Stage, register_method
-from retain.methods.linear_probe import extract_features
 
 __all__ = ["SimpleCILConfig", "SimpleCIL", "class_prototypes"]
 
@@ -29,7 +28,7 @@ def class_prototypes(feats: torch.Tensor, labels: torch.Tensor, classes: range) 
     return torch.stack([feats[labels == c].mean(dim=0) for c in classes])
 
 
-@register_method("simplecil")
+@register_method
 class SimpleCIL(Method):
     config_class = SimpleCILConfig
 
@@ -41,8 +40,7 @@ class SimpleCIL(Method):
 
     @torch.no_grad()
     def after_task(self, task: Task) -> None:
-        data = extract_features(self.model, task.train_eval, self.train_cfg.eval_batch_size, self.device)
-        feats, labels = data.tensors
+        feats, labels = self.extract_features(task.train_eval).tensors
         protos = F.normalize(class_prototypes(feats, labels, task.labels), dim=1)  # (n_t, D)
         head = self.model.head.heads[task.index]
         head.weight.copy_(protos.to(head.weight))

@@ -82,6 +82,10 @@ class TaskLayerNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"{tuple(self.normalized_shape)}, tasks={self.n_tasks}, eps={self.eps}, selector={self.has_selector}"
 
+    def set_task(self, task: TaskSpec) -> None:
+        """Rows to use from now on (``retain.models.adapters.set_task`` / ``use_task`` call this)."""
+        self.task = task
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         task = self.task
         if isinstance(task, SelectTask):

@@ -1,0 +1,104 @@
+"""Set-up of a run: seeding, device, datasets with their transforms, the model, and the method around it."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from retain.config import ConfigError, RunConfig
+from retain.data import build_transform, create_dataset
+from retain.data.scenarios import Scenario, create_scenario
+from retain.methods import METHODS, Method
+from retain.models import TaskHeads, create_backbone, data_config
+from retain.models.continual import ContinualModel
+
+__all__ = ["seed_everything", "resolve_device", "build_datasets", "build_model", "build_method", "build_run",
+           "retention_datasets"]  # fmt: skip
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no GPU is visible; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def _normalization(cfg: RunConfig, dcfg: dict) -> tuple[Any, Any]:
+    choice = cfg.data.normalize
+    if choice == "backbone":
+        return dcfg["mean"], dcfg["std"]
+    if choice == "none":
+        return None, None
+    if choice == "imagenet":
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    if choice == "half":
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    raise ConfigError(f"data.normalize={choice!r}; valid: backbone, none, imagenet, half")
+
+
+def build_datasets(cfg: RunConfig, dcfg: dict) -> tuple[Dataset, Dataset, Dataset]:
+    """(train with train transform, test, train with test transform) for ``cfg.data``."""
+    d = cfg.data
+    size = d.image_size or dcfg["input_size"][-1]
+    mean, std = _normalization(cfg, dcfg)
+    common = dict(image_size=size, mean=mean, std=std, resize=d.resize, interpolation=d.interpolation)
+    train_tf = build_transform(True, augment=d.augment, rrc_scale=d.rrc_scale, **common)
+    test_tf = build_transform(False, **common)
+    options = dict(d.options)
+    if d.name == "imagefolder" and "manifest" not in options:
+        options["manifest"] = str(Path(cfg.out_dir) / cfg.name / "split_manifest.json")
+    kw = dict(root=d.root, download=d.download, cache_dir=d.cache_dir, **options)
+    train = create_dataset(d.name, "train", **kw)
+    test = create_dataset(d.name, "test", **kw)
+    return train.with_transform(train_tf), test.with_transform(test_tf), train.with_transform(test_tf)
+
+
+def retention_datasets(cfg: RunConfig, like: Dataset) -> tuple[Dataset, Dataset] | None:
+    """(train, test) of the retention dataset with ``like``'s transform, or None when no probe is configured."""
+    r = cfg.data.retention
+    if r.name is None:
+        return None
+    kw = dict(root=r.root, cache_dir=cfg.data.cache_dir, **r.options)
+    tf = like.transform
+    return (create_dataset(r.name, "train", **kw).with_transform(tf),
+            create_dataset(r.name, "test", **kw).with_transform(tf))  # fmt: skip
+
+
+def build_model(cfg: RunConfig, scenario: Scenario | None = None,
+                classes_per_task: list[int] | None = None) -> ContinualModel:  # fmt: skip
+    """Backbone (without classifier) + one linear head per task, on the CPU."""
+    m = cfg.model
+    backbone = create_backbone(m.backbone, pretrained=m.pretrained, weights=m.weights, **m.kwargs)
+    sizes = scenario.classes_per_task if scenario is not None else classes_per_task
+    return ContinualModel(backbone, TaskHeads(backbone.num_features, sizes))
+
+
+def build_method(cfg: RunConfig, model: ContinualModel, scenario: Scenario) -> Method:
+    """The configured method around ``model``; its constructor applies its model surgery (adapters) on the CPU."""
+    return METHODS.get(cfg.method.name)(cfg.method, model, scenario, cfg.train)
+
+
+def build_run(cfg: RunConfig, device: torch.device | None = None) -> tuple[Scenario, Method]:
+    """Data, scenario, model and method for ``cfg`` (no training); the adapted model is then moved to ``device``."""
+    device = device or resolve_device(cfg.train.device)
+    m = cfg.model
+    probe = create_backbone(m.backbone, pretrained=False, **m.kwargs)
+    dcfg = data_config(probe)
+    train, test, train_eval = build_datasets(cfg, dcfg)
+    if cfg.data.num_classes is not None and cfg.data.num_classes != len(train.classes):
+        raise ConfigError(f"data.num_classes={cfg.data.num_classes} but {cfg.data.name} has {len(train.classes)}")
+    scenario = create_scenario(train, test, cfg.scenario, train_eval, seed=cfg.seed)
+    method = build_method(cfg, build_model(cfg, scenario), scenario)
+    return scenario, method.to(device)

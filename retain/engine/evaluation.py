@@ -1,0 +1,135 @@
+"""Evaluation: every accuracy view that applies to the protocol, task-id accuracy and the retention k-NN probe,
+from one call after each task."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import Dataset
+
+from retain.data.scenarios import Scenario, Task
+from retain.engine.context import RunContext
+from retain.features import weighted_knn_accuracy
+from retain.methods.base import Method
+
+__all__ = ["Evaluation", "VIEWS", "primary_view", "evaluate", "retention_accuracy"]
+
+# protocol -> accuracy views it reports; the first is the primary one (``accuracy_matrix`` in metrics.json)
+VIEWS = {
+    "class_il": ("class_il",),  # argmax over every class seen so far
+    "task_il": ("taw", "tag"),  # task-aware: argmax within the task's classes | task-agnostic: over all seen heads
+    "finetune": ("class_il",),
+}
+
+
+def primary_view(protocol: str) -> str:
+    return VIEWS[protocol][0]
+
+
+@dataclass
+class Evaluation:
+    """Accuracy (%) on tasks 0..upto by view name, task-id accuracy, retention k-NN accuracy, and seconds taken."""
+
+    protocol: str
+    accuracy: dict[str, list[float]] = field(default_factory=dict)
+    task_id: float | None = None
+    retention: float | None = None
+    seconds: float = 0.0
+
+    @property
+    def primary(self) -> list[float]:
+        return self.accuracy[primary_view(self.protocol)]
+
+
+class _Counts:
+    """Correct / total per view for one task, and task-id hits over the whole evaluation."""
+
+    def __init__(self) -> None:
+        self.correct: dict[str, int] = {}
+        self.total: dict[str, int] = {}
+
+    def add(self, view: str, pred: torch.Tensor, y: torch.Tensor) -> None:
+        self.correct[view] = self.correct.get(view, 0) + (pred == y).sum().item()
+        self.total[view] = self.total.get(view, 0) + len(y)
+
+    def percent(self, view: str) -> float:
+        return 100.0 * self.correct.get(view, 0) / max(self.total.get(view, 0), 1)
+
+
+def _split(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return out if isinstance(out, tuple) else (out, None)
+
+
+@torch.no_grad()
+def _evaluate_task(method: Method, task: Task, n_seen: int, protocol: str, ctx: RunContext,
+                   task_of: torch.Tensor, tid: _Counts) -> _Counts:  # fmt: skip
+    """One pass over ``task.test`` (two for task-IL when ``predict`` depends on the task id)."""
+    counts = _Counts()
+    lo, hi = task.offset, task.offset + task.n_classes
+    task_il = protocol == "task_il"
+    separate_tag = task_il and method.task_aware_predict
+    for x, y in ctx.eval_loader(task.test):
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        with ctx.autocast:
+            logits, task_pred = _split(method.predict(x, task.index if task_il else None))
+        logits = logits.float()  # (B, C)
+        if task_il:
+            counts.add("taw", logits[:, lo:hi].argmax(1) + lo, y)
+        if not separate_tag:
+            counts.add("tag" if task_il else "class_il", logits[:, :n_seen].argmax(1), y)
+            if task_pred is not None:
+                tid.add("task_id", task_pred, task_of[y])
+    if separate_tag:  # the task-agnostic view needs the prediction made without the task id
+        for x, y in ctx.eval_loader(task.test):
+            x, y = x.to(ctx.device), y.to(ctx.device)
+            with ctx.autocast:
+                logits, task_pred = _split(method.predict(x, None))
+            counts.add("tag", logits.float()[:, :n_seen].argmax(1), y)
+            if task_pred is not None:
+                tid.add("task_id", task_pred, task_of[y])
+    return counts
+
+
+@torch.no_grad()
+def evaluate(method: Method, scenario: Scenario, upto: int, ctx: RunContext,
+             retention: tuple[Dataset, Dataset] | None = None, k: int = 20,
+             temperature: float = 0.07) -> Evaluation:  # fmt: skip
+    """Every view on tasks 0..upto after training task ``upto``; retention k-NN when ``retention`` is given.
+
+    Bracketed by the method's ``evaluating()`` / ``training()`` hooks; extra passes use the engine's loaders.
+    """
+    start = time.perf_counter()
+    method.make_loader = ctx.pass_loader
+    method.evaluating()
+    try:
+        result = _evaluate(method, scenario, upto, ctx)
+        if retention is not None:
+            result.retention = retention_accuracy(method, retention, k, temperature)
+    finally:
+        method.training()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _evaluate(method: Method, scenario: Scenario, upto: int, ctx: RunContext) -> Evaluation:
+    method.model.eval()
+    n_seen = scenario.seen_classes(upto)
+    task_of = scenario.task_of_label().to(ctx.device)
+    result = Evaluation(scenario.protocol, {v: [] for v in VIEWS[scenario.protocol]})
+    tid = _Counts()
+    for task in scenario.tasks[: upto + 1]:
+        counts = _evaluate_task(method, task, n_seen, scenario.protocol, ctx, task_of, tid)
+        for view, accs in result.accuracy.items():
+            accs.append(counts.percent(view))
+    result.task_id = tid.percent("task_id") if tid.total else None
+    return result
+
+
+@torch.no_grad()
+def retention_accuracy(method: Method, sets: tuple[Dataset, Dataset], k: int = 20, temperature: float = 0.07) -> float:
+    """Weighted k-NN accuracy on the retention dataset of the features the method deploys (``method.features``)."""
+    train = method.extract_features(sets[0], forward=method.features).tensors
+    test = method.extract_features(sets[1], forward=method.features).tensors
+    return weighted_knn_accuracy(train[0], train[1], test[0], test[1], k=k, temperature=temperature)

@@ -1,0 +1,114 @@
+"""The run: for every task, ``fit_task`` (the method's stages, one ``StageLoop`` each), ``evaluate`` every view on
+the tasks seen so far, and a checkpoint of the method's state so ``resume=True`` continues after the last finished
+task."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from retain.config import RunConfig
+from retain.data.scenarios import Scenario, Task
+from retain.engine.build import build_run, resolve_device, retention_datasets, seed_everything
+from retain.engine.context import RunContext, RunError
+from retain.engine.evaluation import Evaluation, evaluate, primary_view, retention_accuracy
+from retain.engine.rundir import RunDir, RunState, metrics_record
+from retain.engine.stages import StageLoop
+from retain.methods.base import Method
+from retain.models.adapters import mark_trainable
+
+__all__ = ["run", "fit_task"]
+
+
+def fit_task(method: Method, task: Task, ctx: RunContext) -> tuple[float, int]:
+    """Run the method's stages for ``task``; returns (seconds, parameters trained in any stage)."""
+    start = time.perf_counter()
+    method.make_loader = ctx.pass_loader
+    method.model.head.n_active = task.index + 1
+    method.before_task(task)
+    stages = method.stages(task)
+    for i, stage in enumerate(stages):
+        StageLoop(method, task, stage, ctx, i).run()
+    n_trained = method.trained_names(task, stages)
+    method.after_task(task)
+    mark_trainable(method.model, [])
+    params = dict(method.model.named_parameters())
+    return time.perf_counter() - start, sum(params[n].numel() for n in n_trained)
+
+
+def _open_writer(cfg: RunConfig, out: RunDir):
+    if not cfg.train.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out.path / "tb"))
+
+
+def run(cfg: RunConfig, resume: bool = False, log=print) -> dict:
+    """Train ``cfg.method`` over the scenario, evaluating after each task; returns the metrics record.
+
+    Writes ``runs/<name>/{config.yaml, metrics.json, run_state.json, checkpoints/, tb/}``.
+    """
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    out = RunDir.open(cfg, resume)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.train.device)
+    scenario, method = build_run(cfg, device)
+    out.save_config(cfg)
+    state = out.load_state(scenario.protocol)
+    method.setup()
+    if state.finished_tasks:
+        _resume(method, scenario, state, out, log)
+    ctx = RunContext(cfg.train, device, _open_writer(cfg, out), step=state.step, seed=cfg.seed)
+    r = cfg.data.retention
+    retention = retention_datasets(cfg, scenario.tasks[0].test.base)
+    if retention is not None and not state.retention:  # the pre-trained backbone's score comes first
+        method.make_loader = ctx.pass_loader
+        method.evaluating()
+        state.retention.append(retention_accuracy(method, retention, r.k, r.temperature))
+        method.training()
+    try:
+        for task in scenario.tasks[state.finished_tasks :]:
+            seed_everything(cfg.seed + task.index)
+            seconds, n_trained = fit_task(method, task, ctx)
+            ev = evaluate(method, scenario, task.index, ctx, retention, r.k, r.temperature)
+            state.record_task(ev, seconds, n_trained, method.bytes_per_task(task))
+            state.step = ctx.step
+            if cfg.checkpoint:
+                state.checkpoint = out.save_checkpoint(method.checkpoint_state(), task.index, method.name)
+            out.save_state(state)
+            out.write_metrics(metrics_record(cfg, scenario.class_order, scenario.n_tasks, state))
+            _log_task(ctx, task, ev, seconds, cfg.name, scenario.n_tasks, log)
+    finally:
+        if ctx.writer is not None:
+            ctx.writer.close()
+    record = metrics_record(cfg, scenario.class_order, scenario.n_tasks, state)
+    out.write_metrics(record)
+    return record
+
+
+def _log_task(ctx: RunContext, task: Task, ev: Evaluation, seconds: float, name: str, n_tasks: int, log) -> None:
+    main = primary_view(ev.protocol)
+    if ctx.writer is not None:  # the primary view under acc/, the others under acc_<view>/
+        for view, values in ev.accuracy.items():
+            prefix = "acc" if view == main else f"acc_{view}"
+            for i, a in enumerate(values):
+                ctx.writer.add_scalar(f"{prefix}/task_{i}", a, task.index)
+            ctx.writer.add_scalar(f"{prefix}/average", sum(values) / len(values), task.index)
+    accs = ev.primary
+    others = "".join(f" | {v} {sum(a) / len(a):.1f}" for v, a in ev.accuracy.items() if v != main)
+    log(f"[{name}] task {task.index + 1}/{n_tasks}: acc " + " ".join(f"{a:.1f}" for a in accs) + others
+        + (f" | task-id {ev.task_id:.1f}" if ev.task_id is not None else "") + f" | {seconds:.1f}s")  # fmt: skip
+
+
+def _resume(method: Method, scenario: Scenario, state: RunState, out: RunDir, log) -> None:
+    done = state.finished_tasks
+    if state.checkpoint is None:
+        raise RunError(f"--resume: {out.path} has finished tasks but no checkpoint (checkpoint=false was set); "
+                       "start a new run with another name=...")  # fmt: skip
+    method.load_checkpoint_state(out.load_checkpoint(state.checkpoint, method.device))
+    method.model.head.n_active = done
+    method.resume(scenario.tasks[done - 1])
+    log(f"[resume] {done} finished task(s) loaded from {out.path / state.checkpoint}")

@@ -1,0 +1,221 @@
+"""The stage loop: one ``StageLoop`` per stage of a task holds its optimiser, schedule, budget (epochs or steps),
+validation and position (stage, epoch, batch, step, RNG states), so a checkpoint can stop and continue it exactly.
+This module alone steps an optimiser.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from retain.config import ConfigError, TrainConfig
+from retain.data.scenarios import Task
+from retain.engine.context import RunContext, RunError
+from retain.engine.schedules import Schedule, build_schedule
+from retain.methods.base import Method, Stage
+from retain.models.adapters import mark_trainable
+
+__all__ = ["StageLoop", "Position", "build_optimizer", "fit_stage", "rng_state", "set_rng_state"]
+
+
+def build_optimizer(params: list[nn.Parameter], train: TrainConfig, stage: Stage) -> torch.optim.Optimizer:
+    """A fresh optimiser for one stage: ``train``'s choice, with the stage's overrides."""
+    name = stage.optimizer or train.optimizer
+    lr = stage.lr if stage.lr is not None else train.lr
+    wd = stage.weight_decay if stage.weight_decay is not None else train.weight_decay
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=train.momentum, weight_decay=wd)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=train.betas, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=train.betas, weight_decay=wd)
+    raise ConfigError(f"train.optimizer={name!r}; valid: sgd, adam, adamw")
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) global RNG states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Position:
+    """Where a stage loop stands: stage ``stage`` of task ``task``, ``epoch`` epochs finished, ``batch`` batches of
+    the current epoch done, ``step`` optimiser steps taken in this stage."""
+
+    task: int = 0
+    stage: int = 0
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+class StageLoop:
+    """Trains one stage of one task: ``StageLoop(method, task, stage, ctx, index).run()``."""
+
+    def __init__(self, method: Method, task: Task, stage: Stage, ctx: RunContext, index: int = 0) -> None:
+        self.method, self.task, self.stage, self.ctx = method, task, stage, ctx
+        self.pos = Position(task.index, index)
+        mark_trainable(method.model, stage.params)
+        self.params = [p for p in method.model.parameters() if p.requires_grad]
+        self.active = bool(self.params) and stage.has_budget
+        if not self.active:
+            return
+        data = stage.data() if callable(stage.data) else stage.data
+        val = task.val if stage.data is None else None  # only a stage on the task's own images is validated
+        self.validation = val if val is not None and len(val) > 0 else None
+        data = method.train_dataset(task) if data is None else data
+        # each stage of each task shuffles differently, reproducibly
+        self.generator = torch.Generator().manual_seed(ctx.seed + 1000 * task.index + index)
+        self.loader = ctx.train_loader(data, stage.batch_size or ctx.train.batch_size, self.generator)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise RunError(f"task {task.index} stage {stage.name!r} has no training batches; lower train.batch_size "
+                           "or set train.drop_last=false")  # fmt: skip
+        self.total_steps = stage.steps if stage.steps is not None else stage.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(self.params, ctx.train, stage)
+        self.schedule: Schedule = build_schedule(self.optimizer, ctx.train, self.steps_per_epoch, self.total_steps)
+        self.stopped = False  # the schedule ended the stage early (plateau: lr below train.stop_lr)
+        self._epoch_generator: torch.Tensor | None = None  # generator state at the current epoch's start
+        self._resume: dict[str, Any] | None = None
+
+    @property
+    def done(self) -> bool:
+        return not self.active or self.stopped or self.pos.step >= self.total_steps
+
+    # ---- the loop -------------------------------------------------------------------------------------------------
+    def run(self, after_step: Callable[[StageLoop], None] | None = None) -> None:
+        """Train until the budget is spent or the schedule stops; ``after_step(self)`` runs after every step."""
+        if not self.active:
+            return
+        self.method.model.train()
+        while not self.done:
+            losses = self.train_epoch(after_step)
+            whole = self.pos.batch >= self.steps_per_epoch  # else a step budget ended mid-epoch
+            val_loss = self.validate() if whole else None
+            row = {"task": self.task.index, "stage": self.stage.name, "epoch": self.pos.epoch, **losses}
+            self.ctx.history.append(row | ({"val_loss": val_loss} if val_loss is not None else {}))
+            if not whole:
+                break
+            self.pos.epoch, self.pos.batch = self.pos.epoch + 1, 0
+            self.stopped = self.schedule.end_epoch(self.method.model, val_loss)
+        self.schedule.finish(self.method.model)
+
+    def _batches(self, desc: str) -> tuple[tqdm, Iterator]:
+        """This epoch's batches behind a progress bar; when resuming mid-epoch, the same order with the finished
+        batches skipped and the RNG states restored before the next batch is drawn."""
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            self.generator.set_state(resume["generator"])
+        self._epoch_generator = self.generator.get_state()
+        # tqdm.auto builds (and drops) one iterator of the loader in its constructor, which draws once from the
+        # generator; the batch order of every run so far depends on that draw, so the loader goes in unwrapped
+        bar = tqdm(self.loader, desc=desc, leave=False, disable=not self.ctx.train.progress, dynamic_ncols=True)
+        batches = iter(bar)
+        for _ in range(self.pos.batch):
+            next(batches)
+        if resume is not None:
+            set_rng_state(resume["rng"])  # augmentations continue where they stopped
+        return bar, batches
+
+    def train_epoch(self, after_step: Callable[[StageLoop], None] | None = None) -> dict[str, float]:
+        """One pass (or the rest of one) over the data: the method's loss terms are summed, backpropagated and
+        stepped here; returns the mean of each term."""
+        ctx, stage = self.ctx, self.stage
+        totals: dict[str, float] = {}
+        n = 0
+        desc = f"task {self.task.index} {stage.name} {self.pos.epoch + 1}"
+        bar, batches = self._batches(desc)
+        for x, y in batches:
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            with ctx.autocast:
+                terms = self.method.loss((x, y), stage)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                raise RunError(f"loss became {loss.item()} in {desc}; lower train.lr or set train.grad_clip")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if ctx.train.grad_clip:
+                nn.utils.clip_grad_norm_(self.params, ctx.train.grad_clip)
+            self.optimizer.step()
+            self.schedule.step()
+            self.pos.batch, self.pos.step, n = self.pos.batch + 1, self.pos.step + 1, n + 1
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v.item()
+            self._log(terms)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if after_step is not None:
+                after_step(self)
+            if self.pos.step >= self.total_steps:
+                break
+        bar.close()
+        return {k: v / max(n, 1) for k, v in totals.items()}
+
+    def _log(self, terms: dict[str, torch.Tensor]) -> None:
+        ctx = self.ctx
+        if ctx.writer is not None and ctx.step % ctx.log_every == 0:
+            for k, v in terms.items():
+                ctx.writer.add_scalar(f"loss/{k}", v.item(), ctx.step)
+            ctx.writer.add_scalar("lr", self.schedule.lr, ctx.step)
+        ctx.step += 1
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean of the method's summed loss terms over the task's validation split (eval mode), or None."""
+        if self.validation is None:
+            return None
+        model, total, count = self.method.model, 0.0, 0
+        model.eval()
+        for x, y in self.ctx.eval_loader(self.validation):
+            x, y = x.to(self.ctx.device), y.to(self.ctx.device)
+            with self.ctx.autocast:
+                loss = sum(self.method.loss((x, y), self.stage).values())
+            total, count = total + loss.item() * len(y), count + len(y)
+        model.train()
+        return total / max(count, 1)
+
+    # ---- position -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this stage exactly from here (call between steps)."""
+        mid_epoch = self.pos.batch > 0
+        return {
+            "position": asdict(self.pos), "stopped": self.stopped, "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(), "rng": rng_state(),
+            "generator": self._epoch_generator if mid_epoch else self.generator.get_state(),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``; the model's weights are loaded separately (they are the method's)."""
+        self.pos = Position(**state["position"])
+        self.stopped = state["stopped"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.generator.set_state(state["generator"])
+        if self.pos.batch > 0:
+            self._resume = {"generator": state["generator"], "rng": state["rng"]}
+        else:
+            set_rng_state(state["rng"])
+
+
+def fit_stage(method: Method, task: Task, stage: Stage, ctx: RunContext, index: int = 0) -> StageLoop:
+    """Train one stage from its start; returns the finished loop."""
+    loop = StageLoop(method, task, stage, ctx, index)
+    loop.run()
+    return loop
