@@ -9,6 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from retain.artefact import export_run, load
     from retain.config import RunConfig, load_config
     from retain.data import create_dataset
     from retain.data.scenarios import create_scenario
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = ["RunConfig", "load_config", "create_dataset", "create_scenario", "build_run", "run", "METHODS",
-           "method_names", "create_backbone", "create_method"]  # fmt: skip
+           "method_names", "create_backbone", "create_method", "load", "export_run"]  # fmt: skip
 
 _LAZY = {  # public name -> the module it comes from
     "RunConfig": "retain.config",
@@ -31,6 +32,8 @@ _LAZY = {  # public name -> the module it comes from
     "METHODS": "retain.methods",
     "method_names": "retain.methods",
     "create_backbone": "retain.models",
+    "load": "retain.artefact",
+    "export_run": "retain.artefact",
 }
 
 

@@ -30,6 +30,9 @@ __all__ = [
     "DataConfig",
     "RetentionConfig",
     "ScenarioConfig",
+    "RunOptions",
+    "BAD_IMAGES",
+    "checkpoint_interval",
     "ModelConfig",
     "TrainConfig",
     "RunConfig",
@@ -106,6 +109,9 @@ class RetentionConfig:
     temperature: float = 0.07
 
 
+BAD_IMAGES = ("stop", "skip")
+
+
 @dataclass
 class DataConfig:
     """Which dataset, where it lives, and how images are turned into tensors."""
@@ -123,6 +129,11 @@ class DataConfig:
     resize: str = "direct"  # direct | crop (resize to size/0.875, centre crop)
     interpolation: str = "bilinear"
     retention: RetentionConfig = field(default_factory=lambda: RetentionConfig())
+    bad_images: str = "stop"  # stop (name the first unreadable image file) | skip (drop them with a warning)
+
+    def __post_init__(self) -> None:
+        if self.bad_images not in BAD_IMAGES:
+            raise ConfigError(f"data.bad_images={self.bad_images!r}; valid: {', '.join(BAD_IMAGES)}")
 
 
 @dataclass
@@ -150,6 +161,7 @@ class ModelConfig:
     pretrained: bool = True
     weights: str | None = None  # local safetensors / weights_only .pth file; overrides the tag's source
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (depth, embed_dim, ...)
+    sha256: str | None = None  # expected sha256 of the weights file (model.weights, or the shipped tag's file)
 
 
 @dataclass
@@ -183,6 +195,45 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
 
+    def __post_init__(self) -> None:
+        least = {"epochs": 0, "steps": 0, "batch_size": 1, "eval_batch_size": 1, "lr": 0, "weight_decay": 0,
+                 "threads": 1, "num_workers": 0}  # fmt: skip
+        for key, low in least.items():
+            value = getattr(self, key)
+            if value is not None and value < low:
+                raise ConfigError(f"train.{key}={value}; it must be >= {low}")
+
+
+_INTERVAL = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(min|m|s|h)\s*$")
+_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def checkpoint_interval(every: int | str | bool | None) -> tuple[int | None, float | None, bool]:
+    """``run.checkpoint_every`` as (steps, seconds, at epoch ends); ConfigError naming the valid forms."""
+    if every is None or every is False or every == "off":  # YAML reads a bare off as false
+        return None, None, False
+    if every == "epoch":
+        return None, None, True
+    if isinstance(every, int) and not isinstance(every, bool) and every >= 1:
+        return every, None, True
+    match = _INTERVAL.match(every) if isinstance(every, str) else None
+    if match and float(match.group(1)) > 0:
+        return None, float(match.group(1)) * _SECONDS[match.group(2)], True
+    raise ConfigError(f"run.checkpoint_every={every!r}; valid: epoch, a number of steps (500), a time (10min, 1h) "
+                      "or off")  # fmt: skip
+
+
+@dataclass
+class RunOptions:
+    """How a run is saved while it runs (not what it computes): may change on ``--resume``."""
+
+    # mid-task checkpoints: at each epoch end (epoch), also every N optimiser steps (N) or every so often (10min, 1h),
+    # or none (off: only the per-task checkpoints)
+    checkpoint_every: int | str | bool | None = "epoch"
+
+    def __post_init__(self) -> None:
+        checkpoint_interval(self.checkpoint_every)
+
 
 @dataclass
 class RunConfig:
@@ -192,6 +243,7 @@ class RunConfig:
     seed: int = 0
     out_dir: str = "runs"
     checkpoint: bool = True
+    run: RunOptions = field(default_factory=RunOptions)
     data: DataConfig = field(default_factory=DataConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -199,6 +251,8 @@ class RunConfig:
     method: Any = choice(METHOD_CONFIGS, "finetune")  # a MethodConfig subclass chosen by ``method.name``
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed={self.seed}; use an integer in [0, 2**32)")
         for f in fields(self):  # None in a choice section: its default
             if _CHOICE in f.metadata and getattr(self, f.name) is None:
                 setattr(self, f.name, f.metadata[_CHOICE].create())

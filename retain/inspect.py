@@ -7,7 +7,14 @@ from retain.data.scenarios import Scenario, Task, make_class_order, task_sizes
 
 __all__ = ["inspect_config", "KNOWN_NUM_CLASSES"]
 
-KNOWN_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "caltech101": 101, "fashion_mnist": 10, "digits": 10}
+KNOWN_NUM_CLASSES = {
+    "cifar10": 10,
+    "cifar100": 100,
+    "caltech101": 101,
+    "fashion_mnist": 10,
+    "digits": 10,
+    "imagenet32": 1000,
+}
 
 
 def _num_classes(cfg: RunConfig) -> int:
@@ -25,7 +32,7 @@ def dry_scenario(cfg: RunConfig) -> Scenario:
     """The scenario's task structure without any data (datasets left as None)."""
     n = _num_classes(cfg)
     order = make_class_order(n, cfg.scenario)
-    sizes = task_sizes(n, cfg.scenario)[: cfg.scenario.use_tasks]
+    sizes = task_sizes(len(order), cfg.scenario)[: cfg.scenario.use_tasks]
     tasks, offset = [], 0
     for t, size in enumerate(sizes):
         tasks.append(Task(t, order[offset : offset + size], offset, None, None, None))

@@ -8,7 +8,6 @@ sha256.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -19,16 +18,9 @@ from safetensors.torch import save_file
 
 from retain.config import ConfigError, RunConfig, config_to_dict
 from retain.engine import build_run, run
+from retain.models.backbones import file_sha256 as sha256_of
 
 __all__ = ["pretrain", "export_backbone", "sha256_of"]
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_backbone(model, classifier: str, path: Path, dtype: torch.dtype = torch.float16) -> dict[str, int]:

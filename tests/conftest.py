@@ -53,10 +53,10 @@ def interrupted_then_resumed(overrides: list[str], monkeypatch) -> tuple[dict, d
     full = engine.run(load_config(None, overrides + ["name=full"]), log=lambda *_: None)
     real_fit = loop.fit_task
 
-    def crash_on_second(method, task, ctx):
+    def crash_on_second(method, task, ctx, *args, **kwargs):
         if task.index == 1:
             raise KeyboardInterrupt
-        return real_fit(method, task, ctx)
+        return real_fit(method, task, ctx, *args, **kwargs)
 
     monkeypatch.setattr(loop, "fit_task", crash_on_second)
     with pytest.raises(KeyboardInterrupt):

@@ -1,6 +1,7 @@
 """ConFiT (Jie et al. 2022): Xconv BN mean recovery, input trackers, per-task BN state, hierarchical schedule."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from retain.cli import main
 from retain.config import load_config
 from retain.engine import RunContext, build_run, evaluate, fit_stage, fit_task
 from retain.methods.base import trainable_names
+from retain.methods.confit import hierarchical_epochs
 from retain.models import create_backbone
 from retain.models.xconv_bn import InputMeanTracker, XconvBN, conv_bn_pairs, phase_map, recover_mean
 
@@ -149,6 +151,67 @@ def test_hierarchical_schedule_trains_exactly_the_named_parameters(tiny):
     flat = load_config(None, tiny(**CNN, **{"train.epochs": "5", "method.hierarchical": "false"}))
     _, flat_method = build_run(flat, torch.device("cpu"))
     assert [(s.name, s.epochs) for s in flat_method.stages(task)] == [("all", 5)]
+
+
+def _official_per_epoch(max_epoch: int) -> list[frozenset[str]]:
+    """The trainable groups of each epoch, replaying JieShibo/ConFiT main.py:76-90 (requires_grad set at the start
+    of an epoch and kept until changed): ``if epoch == 0: fc only; elif epoch == max_epoch // 5: + bn (names with
+    'bn' or 'downsample.1'); elif epoch == max_epoch // 2: all``."""
+    trainable: set[str] = set()
+    per_epoch = []
+    for epoch in range(max_epoch):
+        if epoch == 0:
+            trainable = {"fc"}
+        elif epoch == max_epoch // 5:
+            trainable = trainable | {"bn"}
+        elif epoch == max_epoch // 2:
+            trainable = {"fc", "bn", "rest"}
+        per_epoch.append(frozenset(trainable))
+    return per_epoch
+
+
+def _official_stages(max_epoch: int) -> list[tuple[str, int, frozenset[str]]]:
+    """The official per-epoch sets, run-length encoded as (stage name, epochs, groups)."""
+    names = {frozenset({"fc"}): "head", frozenset({"fc", "bn"}): "head+bn", frozenset({"fc", "bn", "rest"}): "all"}
+    runs: list[tuple[str, int, frozenset[str]]] = []
+    for groups in _official_per_epoch(max_epoch):
+        if runs and runs[-1][2] == groups:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, groups)
+        else:
+            runs.append((names[groups], 1, groups))
+    return runs
+
+
+def test_hierarchical_stages_reproduce_the_official_per_epoch_rule(tiny):
+    cfg = load_config(None, tiny(**CNN))
+    scenario, method = build_run(cfg, torch.device("cpu"))
+    task = scenario.tasks[1]
+    method.before_task(task)
+    params = [n for n, _ in method.model.named_parameters()]
+    bn = {n for n in params if ".bn" in n}  # the CIFAR ResNet-20 has no downsample BN
+    group_names = {
+        "fc": {"head.heads.1.weight", "head.heads.1.bias"},
+        "bn": bn,
+        "rest": {n for n in params if n.startswith("backbone.")} - bn,
+    }
+    for epochs in range(1, 11):
+        method.train_cfg = replace(cfg.train, epochs=epochs)
+        stages = method.stages(task)
+        official = _official_stages(epochs)
+        assert [(s.name, s.epochs) for s in stages] == [(name, n) for name, n, _ in official], epochs
+        for stage, (_, _, groups) in zip(stages, official, strict=True):
+            expected = set().union(*(group_names[g] for g in groups))
+            assert set(trainable_names(method.model, stage.params)) == expected, (epochs, stage.name)
+        assert sum(hierarchical_epochs(epochs)) == epochs
+    small = {
+        1: [("head", 1)],
+        2: [("head", 1), ("all", 1)],
+        3: [("head", 1), ("all", 2)],
+        4: [("head", 2), ("all", 2)],
+    }
+    for epochs, table in small.items():  # E < 5: no BN stage; the head alone for E//2 epochs (E = 1: 1 epoch)
+        method.train_cfg = replace(cfg.train, epochs=epochs)
+        assert [(s.name, s.epochs) for s in method.stages(task)] == table
 
 
 def _train_two_tasks(tiny, **extra):

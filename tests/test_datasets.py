@@ -242,6 +242,103 @@ def test_imagefolder_presplit_and_errors(tmp_path: Path) -> None:
         create_dataset("imagefolder", root=tmp_path / "absent")
 
 
+def _flowers_tree(root: Path, labels: dict[str, int], ext: str = ".jpg") -> Path:
+    """Flowers-102 style: one folder per imagelabels.mat label, image_NNNNN files, JPEG or PNG (written by PIL)."""
+    rng = np.random.default_rng(0)
+    n = 0
+    for label, count in labels.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for _ in range(count):
+            n += 1
+            pixels = rng.integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
+            PIL.Image.fromarray(pixels).save(root / label / f"image_{n:05d}{ext}")
+    return root
+
+
+def _folder_labels(ds: ImageDataset) -> list[str]:
+    return [ds.classes[t] for t in ds.targets]
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_imagefolder_integer_class_folders_sort_by_value(tmp_path: Path, ext: str) -> None:
+    root = _flowers_tree(tmp_path / "flowers", {"1": 5, "10": 5, "2": 5}, ext)
+    train = create_dataset("imagefolder", "train", root=root)
+    test = create_dataset("imagefolder", "test", root=root)
+    assert train.classes == test.classes == ["1", "2", "10"]  # not "1", "10", "2"
+    for ds in (train, test):
+        assert ds.targets.tolist() == [{"1": 0, "2": 1, "10": 2}[Path(f).parent.name] for f in ds.paths]
+    assert np.bincount(train.targets).tolist() == [4, 4, 4] and train.load(0).shape == (3, 12, 10)
+    manifest = tmp_path / "run" / "split_manifest.json"
+    written = create_dataset("imagefolder", "train", root=root, manifest=str(manifest))
+    assert json.loads(manifest.read_text())["classes"] == ["1", "2", "10"] and written.paths == train.paths
+    reread = create_dataset("imagefolder", "train", root=root, manifest=str(manifest))
+    assert reread.classes == ["1", "2", "10"] and reread.targets.tolist() == train.targets.tolist()
+    # All of 1..12 (pre-split layout): label = folder value - 1, the paper code's imagelabels.mat - 1.
+    _flowers_tree(tmp_path / "presplit" / "train", {str(k): 1 for k in range(12, 0, -1)}, ext)
+    _flowers_tree(tmp_path / "presplit" / "test", {str(k): 1 for k in (2, 11, 10)}, ext)
+    pre_train = create_dataset("imagefolder", "train", root=tmp_path / "presplit")
+    pre_test = create_dataset("imagefolder", "test", root=tmp_path / "presplit")
+    assert pre_train.classes == [str(k) for k in range(1, 13)] and pre_train.targets.tolist() == list(range(12))
+    assert [int(Path(f).parent.name) - 1 for f in pre_test.paths] == pre_test.targets.tolist() == [1, 9, 10]
+    padded = create_dataset(
+        "imagefolder", "train", root=_flowers_tree(tmp_path / "pad", {"001": 2, "010": 2, "002": 2})
+    )
+    assert padded.classes == ["001", "002", "010"] and padded.targets.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_imagefolder_non_integer_class_folders_stay_lexicographic(tmp_path: Path) -> None:
+    root = _flowers_tree(tmp_path / "mixed", {"2": 3, "10": 3, "1": 3, "b": 3, "1a": 3})
+    train = create_dataset("imagefolder", "train", root=root)
+    assert train.classes == ["1", "10", "1a", "2", "b"]
+    assert _folder_labels(train) == [Path(f).parent.name for f in train.paths]
+    named = create_dataset("imagefolder", "train", root=_flowers_tree(tmp_path / "named", {"rose": 2, "daisy": 2}))
+    assert named.classes == ["daisy", "rose"] and named.targets.tolist() == [0, 0, 1, 1]
+
+
+def test_imagefolder_manifest_in_the_old_text_order_keeps_its_labels(tmp_path: Path) -> None:
+    root = _flowers_tree(tmp_path / "flowers", {"1": 5, "2": 5, "10": 5})
+    manifest = tmp_path / "run" / "split_manifest.json"
+    fresh = create_dataset("imagefolder", "train", root=root, manifest=str(manifest))
+    assert fresh.classes == ["1", "2", "10"]
+    record = json.loads(manifest.read_text())
+    record["classes"] = ["1", "10", "2"]  # what retain wrote before integer class folders were sorted by value
+    manifest.write_text(json.dumps(record))
+    for split in ("train", "test"):
+        with pytest.warns(UserWarning, match="delete it or use a new run name"):
+            old = create_dataset("imagefolder", split, root=root, manifest=str(manifest))
+        assert old.classes == ["1", "10", "2"]  # honoured: the old run's labels do not change ("10" stays 1)
+        assert old.targets.tolist() == [{"1": 0, "10": 1, "2": 2}[Path(f).parent.name] for f in old.paths]
+        assert old.paths == create_dataset("imagefolder", split, root=root).paths  # the same split
+
+
+def test_integer_class_folders_in_cifar_folders_and_archives(tmp_path: Path) -> None:
+    root = tmp_path / "cifar"
+    for k, cls in enumerate(["1", "10", "2"]):
+        _write_jpegs(root / "train" / cls, 2, seed=k)
+        _write_jpegs(root / "test" / cls, 1, seed=10 + k)
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for sub in ("train", "test"):
+            tar.add(root / sub, arcname=sub)
+    cache = tmp_path / "cache"
+    from_dir = create_dataset("cifar10", "train", root=root, cache_dir=cache)
+    from_tar = create_dataset("cifar10", "train", root=archive, cache_dir=cache)
+    assert from_dir.classes == from_tar.classes == ["1", "2", "10"]
+    assert from_tar.targets.tolist() == [0, 0, 1, 1, 2, 2]
+    np.testing.assert_array_equal(from_tar.images, from_dir.images)
+    with PIL.Image.open(root / "train" / "10" / "0001.jpg") as img:
+        np.testing.assert_array_equal(from_tar.images[5], np.asarray(img.convert("RGB")))
+    # An archive cache written in the old text order is decoded again, not trusted.
+    st = archive.stat()
+    npz = ds_module._npz_path(cache, "cifar10", "train", archive.resolve(), st.st_size, st.st_mtime_ns)
+    assert npz.is_file()
+    old_order = [0, 1, 4, 5, 2, 3]  # classes "1", "10", "2"
+    ds_module._save_npz(npz, from_tar.images[old_order], np.array([0, 0, 1, 1, 2, 2]), ["1", "10", "2"])
+    again = create_dataset("cifar10", "train", root=archive, cache_dir=cache)
+    assert again.classes == ["1", "2", "10"]
+    np.testing.assert_array_equal(again.images, from_tar.images)
+
+
 def test_caltech101_layouts_background_dropped(tmp_path: Path) -> None:
     cats = tmp_path / "caltech" / "101_ObjectCategories"
     _class_tree(cats, {"BACKGROUND_Google": 6, "Faces": 10, "accordion": 5, "airplanes": 10})

@@ -80,9 +80,13 @@ def test_plateau_schedule_with_a_validation_split_runs_and_logs_val_loss(tiny):
     assert all("val_loss" in h for h in ctx.history) and len(ctx.history) >= 1
 
 
-def test_plateau_without_validation_is_one_clear_error(tiny):
+def test_plateau_without_validation_is_one_clear_error_before_training(tiny):
     cfg = load_config(None, tiny(**{"train.schedule": "plateau"}))
+    with pytest.raises(ConfigError, match="scenario.val_fraction"):
+        build_run(cfg, CPU)
+    cfg.train.schedule = "constant"
     scenario, method = build_run(cfg, CPU)
+    cfg.train.schedule = "plateau"  # a stage without validation data still stops with the same message
     with pytest.raises(ConfigError, match="scenario.val_fraction"):
         fit_task(method, scenario.tasks[0], RunContext(cfg.train, CPU))
 

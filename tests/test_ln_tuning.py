@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from retain.cli import main
-from retain.config import ConfigError, load_config
-from retain.engine import RunContext, build_run, evaluate, fit_task
+from retain.config import ConfigError, config_to_dict, load_config
+from retain.engine import RunContext, build_run, evaluate, fit_task, run
 from retain.inspect import dry_scenario
-from retain.methods.ln_tuning import closed_form_key, key_loss, select_task
+from retain.methods.ln_tuning import closed_form_key, key_loss, select_task, similarity_weights
 from retain.models import create_backbone
 from retain.models.task_layernorm import (
     PRETRAINED,
@@ -267,12 +267,35 @@ def test_vit_b16_stores_38400_ln_values_per_task(capsys):
     ln, key, head = 25 * 2 * 768, 768, 768 * 10 + 10
     assert ln == 38_400
     assert info["bytes_per_task"] == 4 * (ln + key + head)  # one row of every LN table, one key, one head
-    # what a run trains by gradient (tensors hold all 10 tasks' rows; only row t moves): tables + head + fake head;
-    # closed-form keys are fitted, not trained, and count only when trained by Adam (the original schedule)
-    assert info["trainable_params"] == 10 * ln + 2 * head
-    assert main(["inspect", "ln_tuning/cifar100", "method.closed_form_keys=false", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["trainable_params"] == 10 * ln + 10 * key + 2 * head
-    assert info["class_order_head"] == [23, 8, 11, 7, 48, 13, 1, 91, 94, 54]
+    # what a run trains by gradient (tensors hold all 10 tasks' rows; only row t moves): the paper preset trains the
+    # keys by Adam (the official schedule), so tables + keys + head + fake head
+    assert info["trainable_params"] == 10 * ln + 10 * key + 2 * head == 407_060
+    assert info["class_order_head"] == [23, 8, 11, 7, 48, 13, 1, 91, 94, 54]  # seed 0
+    # the fast preset fits the keys in closed form: fitted, not trained, so they do not count
+    assert main(["inspect", "ln_tuning/cifar100_fast", "--json"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert fast["trainable_params"] == 10 * ln + 2 * head and fast["bytes_per_task"] == info["bytes_per_task"]
+    assert fast["class_order_head"] == info["class_order_head"]
+
+
+@pytest.mark.parametrize("dataset", ["cifar100", "imagenet_r"])
+def test_paper_presets_run_the_official_schedule_and_fast_presets_differ_only_in_it(dataset):
+    cfg = load_config(f"ln_tuning/{dataset}")
+    m = cfg.method
+    assert (m.closed_form_keys, m.head_features, m.key_epochs, m.rectify, m.train_mask) == (
+        False, "online", None, True, "current")  # fmt: skip
+    assert (m.head_epochs, m.head_lr, m.sim_weights, m.variant) == (5, 0.001, "official", "two_stage")
+    assert cfg.train.amp is False and cfg.train.grad_clip is None and cfg.train.label_smoothing == 0
+    assert (cfg.seed, cfg.scenario.order_seed, cfg.scenario.order_rng) == (0, 0, "python")
+    fast = config_to_dict(load_config(f"ln_tuning/{dataset}_fast"))
+    faithful = config_to_dict(cfg)
+    assert (fast.pop("name"), faithful.pop("name")) == (f"ln_tuning-{dataset}_fast", f"ln_tuning-{dataset}")
+    changed = {k: v for k, v in fast["method"].items() if faithful["method"][k] != v}
+    assert changed == {"closed_form_keys": True, "head_features": "cached"}
+    fast["method"] = faithful["method"]
+    assert fast == faithful  # float32 and the seed included
+    library = load_config(None, ["method.name=ln_tuning"]).method  # outside the presets: the fast schedule
+    assert (library.closed_form_keys, library.head_features) == (True, "cached")
 
 
 def test_imagenet_r_preset_order_and_lr():
@@ -339,3 +362,124 @@ def test_task_incremental_protocol_uses_the_oracle_rows(tiny):
     with use_task(method.model.backbone, 0):
         oracle = method.model.eval()(x)[:, :2].argmax(1)
     assert ev.accuracy["taw"][0] == pytest.approx(100.0 * (oracle == y).float().mean().item())
+
+
+# ---------------------------------------------------------------------------------------------- precision
+
+
+def _near_tie_keys(q: torch.Tensor) -> torch.Tensor:
+    """(2, D) keys at cosines 0.9999 and 0.99995 to q (D,): key 1 wins in float32, bf16 rounds both to 1.0."""
+    gen = torch.Generator().manual_seed(0)
+    u = F.normalize(q.float(), dim=0)
+    v = torch.randn(len(u), generator=gen)
+    v = F.normalize(v - (v @ u) * u, dim=0)  # orthogonal to u
+    return torch.stack([c * u + sign * (1 - c * c) ** 0.5 * v for c, sign in ((0.9999, 1.0), (0.99995, -1.0))])
+
+
+def test_selection_and_logits_are_float32_under_bf16_autocast(tiny):
+    _, scenario, method = _method(tiny)
+    method.task = scenario.tasks[1]  # routing among tasks 0..1
+    method.model.head.n_active = 2
+    method.model.eval()
+    x = torch.stack([scenario.tasks[1].test[i][0] for i in range(4)])
+    q = method.queries(x, cache=False)  # float32 reference, no autocast
+    keys = _near_tie_keys(q[0])
+    with torch.no_grad():
+        method.model.ln_keys[:2].copy_(keys)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    with bf16:  # the near-tie is real: a bf16 similarity picks key 0, float32 key 1
+        naive = (F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1).T).argmax(1)
+    assert naive[0].item() == 0 and select_task(q, keys)[0].item() == 1
+    ref_logits, ref_ids = method.predict(x)
+    with bf16:
+        assert torch.equal(method.queries(x, cache=False), q)  # the frozen pass is float32 under autocast
+        assert torch.equal(select_task(q, keys), ref_ids)
+        logits, ids = method.predict(x)
+        oracle = method.predict(x, 0)
+    assert ids[0].item() == 1 and torch.equal(ids, ref_ids)  # test routes as stage 2 (float32) does
+    assert logits.dtype == oracle.dtype == ref_logits.dtype == torch.float32
+    with bf16:  # key-stage loss and the closed-form key are float32 too
+        assert key_loss(q, keys[0]).dtype == closed_form_key(q).dtype == torch.float32
+
+
+def test_single_stage_selection_is_float32_under_bf16_autocast():
+    ln = TaskLayerNorm(nn.LayerNorm(32, eps=1e-6), n_tasks=2, selector=True)
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1))  # (B, N, D)
+    with torch.no_grad():
+        ln.ln_att.fill_(1.0)
+        ln.ln_key.copy_(_near_tie_keys(x[0, 0]))
+    ref = ln._select(x, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ln._select(x, 1), ref) and ref[0].item() == 1
+        assert torch.equal(ln._select(x.bfloat16(), 1), ln._select(x.bfloat16().float(), 1))
+        assert ln._similarity(x[:, 0], torch.tensor([0, 1, 1])).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- single-stage weights
+
+
+def test_official_similarity_weights_for_vit_b16():
+    names = [f"blocks.{i}.norm{j}" for i in range(12) for j in (1, 2)] + ["norm"]
+    w = similarity_weights(names)
+    assert w[:24] == [pytest.approx(1 / 26)] * 24 and w[24] == pytest.approx(1 / 13)
+    assert sum(w) == pytest.approx(1.0)
+    assert similarity_weights(names, "uniform") == [pytest.approx(1 / 25)] * 25
+
+
+def test_single_stage_similarity_term_by_hand(tiny):
+    kw = "{depth: 2, embed_dim: 32, num_heads: 2, img_size: 16}"
+    for scheme in ("uniform", "official"):
+        _, scenario, method = _method(tiny, **{"method.variant": "single_stage", "model.kwargs": kw,
+                                               "method.sim_weights": scheme})  # fmt: skip
+        layers = task_layernorms(method.model.backbone)  # blocks.0.norm1/norm2, blocks.1.norm1/norm2, norm
+        for m, values in zip(layers, ([0.1, 0.1], [0.3, 0.1], [0.3, 0.4], [0.4, 0.4], [0.5, 0.5]), strict=True):
+            m.similarity = torch.tensor(values)  # (B,) cosines of a batch of 2; layer means 0.1 0.2 0.35 0.4 0.5
+        # official: per block (norm1 + norm2) / 2, then over the 2 blocks and the final norm
+        expected = ((0.1 + 0.2) / 2 + (0.35 + 0.4) / 2 + 0.5) / 3 if scheme == "official" else 1.55 / 5
+        assert method.similarity_term().item() == pytest.approx(expected)
+    method.before_task(scenario.tasks[0])  # the loss uses the same term (official weights), from its oracle pass
+    x, y = next(iter(torch.utils.data.DataLoader(scenario.tasks[0].train, batch_size=4)))
+    terms = method.loss((x, y), method.stages(scenario.tasks[0])[0])
+    w = [1 / 6] * 4 + [1 / 3]  # 2 blocks of 2 LNs and the final norm
+    by_hand = sum(wl * m.similarity.mean() for wl, m in zip(w, layers, strict=True))
+    assert torch.allclose(terms["sim"], -by_hand, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- plain forwards
+
+
+@pytest.mark.parametrize("variant", ["two_stage", "single_stage"])
+def test_plain_forward_outside_a_task_is_the_pretrained_backbone(tiny, variant):
+    over = {"train.optimizer": "adam", "train.lr": "0.05", "method.variant": variant}
+    cfg, scenario, method = _method(tiny, **over)
+    torch.manual_seed(0)  # the same random "pre-trained" backbone, left as it is (finetune changes nothing here)
+    _, plain = build_run(load_config(None, tiny(**{"method.name": "finetune"})), CPU)
+    ref = plain.model.eval()
+    x = torch.stack([scenario.tasks[0].test[i][0] for i in range(6)])
+
+    method.model.eval()  # right after building
+    assert all(m.task == PRETRAINED for m in task_layernorms(method.model.backbone))
+    with torch.no_grad():
+        assert torch.equal(method.model.features(x), ref.features(x))
+        assert torch.equal(method.model.backbone.forward_features(x), ref.backbone.forward_features(x))
+        assert torch.equal(method.model(x), ref(x))  # the heads too: LN tuning added rows, not changed any
+    assert torch.equal(method.features(x), ref.features(x))  # the retention probe before the first task
+    ctx = RunContext(cfg.train, CPU)
+    fit_task(method, scenario.tasks[0], ctx)
+    evaluate(method, scenario, 0, ctx)
+    rows = task_layernorms(method.model.backbone)[0]
+    assert not torch.equal(rows.ln_weight[0], rows.pretrained_weight)  # task 0's rows did move
+    method.model.eval()
+    with torch.no_grad():
+        assert torch.equal(method.model.features(x), ref.features(x))  # ... and a plain forward ignores them
+        assert torch.equal(method.model.backbone.forward_features(x), ref.backbone.forward_features(x))
+        assert all(m.task == PRETRAINED for m in task_layernorms(method.model.backbone))
+
+
+def test_retention_probe_before_training_is_the_frozen_backbones(tiny):
+    opts = "{n_classes: 3, n_per_class: 10, n_test_per_class: 5, image_size: 16, seed: 7}"
+    retention = {"data.retention.name": "synthetic", "data.retention.options": opts}
+    ln = run(load_config(None, tiny(name="ln", **{"method.name": "ln_tuning", **retention})), log=lambda *_: None)
+    frozen = run(load_config(None, tiny(name="lp", **{"method.name": "linear_probe", **retention})),
+                 log=lambda *_: None)  # fmt: skip
+    assert len(ln["retention_knn"]) == 3 and ln["retention_knn"][0] == frozen["retention_knn"][0]

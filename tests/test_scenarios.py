@@ -22,7 +22,7 @@ def test_torch_order_matches_global_manual_seed_randperm():
 def test_natural_and_explicit_orders():
     assert make_class_order(5, ScenarioConfig(order_seed=None)) == [0, 1, 2, 3, 4]
     assert make_class_order(3, ScenarioConfig(class_order=[2, 0, 1])) == [2, 0, 1]
-    with pytest.raises(ConfigError, match="permutation"):
+    with pytest.raises(ConfigError, match="distinct class ids"):
         make_class_order(3, ScenarioConfig(class_order=[0, 0, 1]))
 
 

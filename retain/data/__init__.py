@@ -1,12 +1,16 @@
 """Datasets (real on-disk formats, looked up by name) and image transforms."""
 
+from retain.data import imagenet32 as _imagenet32  # noqa: F401  (registers imagenet32)
 from retain.data.datasets import (
     DATASETS,
     FASHION_MNIST_CLASSES,
     IMAGE_EXTENSIONS,
     ImageDataset,
+    UnreadableImageError,
+    check_images,
     create_dataset,
     default_cache_dir,
+    read_image,
 )
 from retain.data.transforms import AUGMENTS, INTERPOLATIONS, RESIZES, build_transform
 
@@ -18,7 +22,10 @@ __all__ = [
     "INTERPOLATIONS",
     "RESIZES",
     "ImageDataset",
+    "UnreadableImageError",
     "build_transform",
+    "check_images",
     "create_dataset",
     "default_cache_dir",
+    "read_image",
 ]

@@ -14,11 +14,12 @@ import inspect
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,11 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "IMAGE_EXTENSIONS",
     "ImageDataset",
+    "UnreadableImageError",
+    "check_images",
     "create_dataset",
     "default_cache_dir",
+    "read_image",
 ]
 
 DATASETS = Registry("dataset")
@@ -57,6 +61,39 @@ _SPLITS = ("train", "test")
 _NPZ_FORMAT = "retain-folder-npz-v1"
 _MANIFEST_FORMAT = "retain-imagefolder-split-v1"
 _FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+_INTEGER_NAME = re.compile(r"[0-9]+")
+
+
+class UnreadableImageError(ValueError):
+    """An image file that PIL cannot decode (not an image, truncated, corrupt); the message names it."""
+
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def read_image(source: str | Path | bytes, name: str | None = None, hint: str = "replace or delete it") -> np.ndarray:
+    """Decode one image (a file or its bytes) to a uint8 (H, W, 3) RGB array; UnreadableImageError naming it."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            return np.asarray(img.convert("RGB"))
+    except _DECODE_ERRORS as e:
+        raise UnreadableImageError(f"cannot read image {name or source} ({e}); {hint}") from None
+
+
+def _probe(path: str, decode: bool) -> None:
+    """Open ``path`` as an image (its header only, or the whole decode); UnreadableImageError if that fails."""
+    if not os.path.exists(path):
+        raise UnreadableImageError(f"image file {path} is missing; restore it or set data.bad_images=skip "
+                                   "(imagefolder runs list their files in split_manifest.json)")  # fmt: skip
+    if decode:
+        read_image(path)
+        return
+    try:
+        with Image.open(path):
+            pass
+    except _DECODE_ERRORS as e:
+        raise UnreadableImageError(f"cannot read image {path} ({e}); replace or delete it, or set "
+                                   "data.bad_images=skip") from None  # fmt: skip
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -112,8 +149,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.images is not None:
             image = torch.from_numpy(np.array(self.images[i].transpose(2, 0, 1)))
             return image.repeat(3, 1, 1) if image.shape[0] == 1 else image
-        with Image.open(self.paths[i]) as img:
-            array = np.asarray(img.convert("RGB"))
+        array = read_image(self.paths[i], hint="replace or delete it, or set data.bad_images=skip")
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
@@ -131,6 +167,32 @@ class ImageDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         source = f"images={tuple(self.images.shape)}" if self.images is not None else f"paths={len(self.paths)}"
         return f"ImageDataset(n={len(self)}, classes={len(self.classes)}, {source}, transform={self.transform!r})"
+
+
+def check_images(dataset: ImageDataset, skip: bool = False, warn: Callable[[str], None] | None = None) -> ImageDataset:
+    """Check the files of a path-based dataset before training (array datasets were decoded when built).
+
+    ``skip=False``: every file's header is read; the first unreadable file raises UnreadableImageError naming it
+    (a file corrupt past its header stops training when first read, naming it the same way). ``skip=True``: every
+    file is fully decoded and the unreadable ones are dropped, with one warning counting and naming them.
+    """
+    if dataset.paths is None:
+        return dataset
+    bad = []
+    for i, path in enumerate(dataset.paths):
+        try:
+            _probe(path, decode=skip)
+        except UnreadableImageError:
+            if not skip:
+                raise
+            bad.append(i)
+    if not bad:
+        return dataset
+    names = ", ".join(dataset.paths[i] for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    (warn or (lambda m: warnings.warn(m, stacklevel=3)))(f"skipped {len(bad)} unreadable image file(s): {names}")
+    keep = np.setdiff1d(np.arange(len(dataset)), bad)
+    paths = [dataset.paths[i] for i in keep]
+    return ImageDataset(dataset.targets[keep], dataset.classes, paths=paths, transform=dataset.transform)
 
 
 def default_cache_dir() -> Path:
@@ -189,8 +251,21 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+def _sort_classes(names: Iterable[str]) -> list[str]:
+    """Class folder names in label order: by value when every name is an integer (``1``, ``2``, ``10``, as
+    Flowers-102 folders named by its labels need), else lexicographically."""
+    names = list(names)
+    if names and all(_INTEGER_NAME.fullmatch(n) for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
+    return sorted(names)
+
+
 def _list_classes(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    try:
+        return _sort_classes(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    except PermissionError:
+        raise PermissionError(f"cannot read folder {folder} (permission denied); make it readable "
+                              f"(chmod -R u+rX {folder}) or point data.root elsewhere") from None  # fmt: skip
 
 
 def _list_images(folder: Path) -> list[str]:
@@ -206,7 +281,8 @@ def _list_images(folder: Path) -> list[str]:
 
 
 def _scan_folder(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
-    """Return (classes, files relative to folder, targets) for a ``folder/<class>/*`` layout, class-major sorted."""
+    """Return (classes, files relative to folder, targets) for a ``folder/<class>/*`` layout: files class-major in
+    class order (:func:`_sort_classes` unless ``classes`` is given), sorted within a class."""
     if classes is None:
         classes = _list_classes(folder)
     if not classes:
@@ -231,9 +307,7 @@ def _decode_all(sources: Sequence[Path | bytes], names: Sequence[str]) -> np.nda
     """
 
     def read(i: int) -> np.ndarray:
-        src = sources[i]
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
-            return np.asarray(img.convert("RGB"))
+        return read_image(sources[i], names[i], hint="replace or delete it (array-cached folders cannot skip files)")
 
     first = read(0)
     out = np.empty((len(sources), *first.shape), dtype=np.uint8)
@@ -318,14 +392,14 @@ def _cached_archive_arrays(name: str, archive: Path, split: str, cache_dir: Path
     """Load ``split`` of a tar(.gz) of ``[<top>/]<split>/<class>/<image>`` members, decoding once into an npz cache.
 
     Members are decoded straight from the archive (nothing is extracted to disk); the cache key hashes the resolved
-    archive path, its size and mtime. Classes are the sorted class folder names; files are in class-major sorted
-    order, as for an extracted folder.
+    archive path, its size and mtime. Classes are the class folder names ordered by :func:`_sort_classes`; files are
+    in class-major order, sorted within a class, as for an extracted folder.
     """
     archive = archive.resolve()
     st = archive.stat()
     npz = _npz_path(cache_dir, name, split, archive, st.st_size, st.st_mtime_ns)
     cached = _load_npz(npz)
-    if cached is not None:
+    if cached is not None and cached.classes == _sort_classes(cached.classes):  # else cached in an older order
         return cached
     found: dict[tuple[str, str], bytes] = {}
     classes_of: dict[str, set[str]] = {"train": set(), "test": set()}
@@ -342,11 +416,11 @@ def _cached_archive_arrays(name: str, archive: Path, split: str, cache_dir: Path
             f"no {split}/<class>/<image> members in {archive}; expected an archive of the layout "
             "train/<class>/*.jpg and test/<class>/*.jpg"
         )
-    classes = sorted(classes_of[split])
+    classes = _sort_classes(classes_of[split])
     if all(classes_of.values()) and classes_of["train"] != classes_of["test"]:
         raise ValueError(f"class folders differ between train/ and test/ in {archive}")
-    keys = sorted(found)
     index = {c: i for i, c in enumerate(classes)}
+    keys = sorted(found, key=lambda k: (index[k[0]], k[1]))
     targets = np.asarray([index[c] for c, _ in keys], dtype=np.int64)
     images = _decode_all([found[k] for k in keys], [f"{archive}:{split}/{c}/{f}" for c, f in keys])
     return _save_npz(npz, images, targets, classes)
@@ -436,9 +510,12 @@ def _imagefolder(
 ) -> ImageDataset:
     """Any ``root/<class>/*`` folder (lazy paths).
 
-    If ``root/train`` and ``root/test`` exist they are the splits (classes from ``train``; the split options are
-    unused). Otherwise each class is split ``train_fraction``/rest with ``split_seed``. With ``manifest``, an
-    existing JSON file gives the split (relative paths, classes, seed, fraction); an absent one is written.
+    Class labels follow :func:`_sort_classes`: by value when every class folder name is an integer (Flowers-102's
+    ``1..102`` give label = value - 1, as its imagelabels.mat), else lexicographically. If ``root/train`` and
+    ``root/test`` exist they are the splits (classes from ``train``; the split options are unused). Otherwise each
+    class is split ``train_fraction``/rest with ``split_seed``. With ``manifest``, an existing JSON file gives the
+    split (relative paths, seed, fraction) and the class list, whose order is honoured so a run's labels never
+    change; an absent one is written.
     """
     root = _require_dir(root, "imagefolder", "pass root=<folder with one sub-folder of images per class>")
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -467,6 +544,13 @@ def _imagefolder(
                 stacklevel=3,
             )
         classes = list(data["classes"])
+        if classes == sorted(classes) != _sort_classes(classes):  # integer folders in retain's former text order
+            warnings.warn(
+                f"{manifest_path} orders its integer class folders as text ('10' before '2'), as retain did before; "
+                "kept so this run's labels do not change. For the numeric order (Flowers-102's official labels), "
+                "delete it or use a new run name",
+                stacklevel=3,
+            )
         files = list(data[split])
     else:
         classes, all_files, all_targets = _scan_folder(root)

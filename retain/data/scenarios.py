@@ -96,8 +96,10 @@ class Scenario:
 def make_class_order(n_classes: int, cfg: ScenarioConfig) -> list[int]:
     """The class order a scenario config asks for (see the module docstring)."""
     if cfg.class_order is not None:
-        if sorted(cfg.class_order) != list(range(n_classes)):
-            raise ConfigError(f"scenario.class_order must be a permutation of 0..{n_classes - 1}")
+        order = list(cfg.class_order)
+        if len(set(order)) != len(order) or not all(0 <= c < n_classes for c in order):
+            raise ConfigError(f"scenario.class_order must list distinct class ids in 0..{n_classes - 1} (all of them, "
+                              "or a subset: the scenario then uses only those classes)")  # fmt: skip
         return list(cfg.class_order)
     if cfg.order_seed is None:
         return list(range(n_classes))
@@ -177,12 +179,12 @@ def create_scenario(train_set: Dataset, test_set: Dataset, cfg: ScenarioConfig, 
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ConfigError(f"scenario.val_fraction={cfg.val_fraction}; use a value in [0, 1) (FACIL: 0.1)")
     n_classes = len(train_set.classes)
-    order = make_class_order(n_classes, cfg)
-    sizes = task_sizes(n_classes, cfg)
+    order = make_class_order(n_classes, cfg)  # may be a subset of the classes (FACIL's imagenet_32_reduced)
+    sizes = task_sizes(len(order), cfg)
     if cfg.use_tasks is not None:
         sizes = sizes[: cfg.use_tasks]
-    label_map = np.empty(n_classes, dtype=np.int64)
-    label_map[np.asarray(order)] = np.arange(n_classes)
+    label_map = np.full(n_classes, -1, dtype=np.int64)  # classes outside the order never enter a task
+    label_map[np.asarray(order)] = np.arange(len(order))
     y_train, y_test = np.asarray(train_set.targets), np.asarray(test_set.targets)
     train_eval_set = train_set if train_eval_set is None else train_eval_set
     tasks, offset = [], 0

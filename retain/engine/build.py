@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from retain.config import ConfigError, RunConfig
-from retain.data import build_transform, create_dataset
+from retain.data import build_transform, check_images, create_dataset
 from retain.data.scenarios import Scenario, create_scenario
 from retain.methods import METHODS, Method
 from retain.models import TaskHeads, create_backbone, data_config
+from retain.models.backbones import check_sha256
 from retain.models.continual import ContinualModel
 
-__all__ = ["seed_everything", "resolve_device", "build_datasets", "build_model", "build_method", "build_run",
-           "retention_datasets"]  # fmt: skip
+__all__ = ["seed_everything", "resolve_device", "build_transforms", "build_datasets", "build_model", "build_method",
+           "build_run", "probe_backbone", "rebuild_method", "retention_datasets"]  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
@@ -48,20 +51,27 @@ def _normalization(cfg: RunConfig, dcfg: dict) -> tuple[Any, Any]:
     raise ConfigError(f"data.normalize={choice!r}; valid: backbone, none, imagenet, half")
 
 
-def build_datasets(cfg: RunConfig, dcfg: dict) -> tuple[Dataset, Dataset, Dataset]:
-    """(train with train transform, test, train with test transform) for ``cfg.data``."""
+def build_transforms(cfg: RunConfig, dcfg: dict) -> tuple[Callable, Callable]:
+    """(train, test) transforms of ``cfg.data`` for a backbone with timm data config ``dcfg``."""
     d = cfg.data
     size = d.image_size or dcfg["input_size"][-1]
     mean, std = _normalization(cfg, dcfg)
     common = dict(image_size=size, mean=mean, std=std, resize=d.resize, interpolation=d.interpolation)
-    train_tf = build_transform(True, augment=d.augment, rrc_scale=d.rrc_scale, **common)
-    test_tf = build_transform(False, **common)
+    return build_transform(True, augment=d.augment, rrc_scale=d.rrc_scale, **common), build_transform(False, **common)
+
+
+def build_datasets(cfg: RunConfig, dcfg: dict) -> tuple[Dataset, Dataset, Dataset]:
+    """(train with train transform, test, train with test transform) for ``cfg.data``; image files are checked
+    first (``data.bad_images``)."""
+    d = cfg.data
+    train_tf, test_tf = build_transforms(cfg, dcfg)
     options = dict(d.options)
     if d.name == "imagefolder" and "manifest" not in options:
         options["manifest"] = str(Path(cfg.out_dir) / cfg.name / "split_manifest.json")
     kw = dict(root=d.root, download=d.download, cache_dir=d.cache_dir, **options)
-    train = create_dataset(d.name, "train", **kw)
-    test = create_dataset(d.name, "test", **kw)
+    skip = d.bad_images == "skip"
+    train = check_images(create_dataset(d.name, "train", **kw), skip)
+    test = check_images(create_dataset(d.name, "test", **kw), skip)
     return train.with_transform(train_tf), test.with_transform(test_tf), train.with_transform(test_tf)
 
 
@@ -71,9 +81,9 @@ def retention_datasets(cfg: RunConfig, like: Dataset) -> tuple[Dataset, Dataset]
     if r.name is None:
         return None
     kw = dict(root=r.root, cache_dir=cfg.data.cache_dir, **r.options)
-    tf = like.transform
-    return (create_dataset(r.name, "train", **kw).with_transform(tf),
-            create_dataset(r.name, "test", **kw).with_transform(tf))  # fmt: skip
+    tf, skip = like.transform, cfg.data.bad_images == "skip"
+    return (check_images(create_dataset(r.name, "train", **kw), skip).with_transform(tf),
+            check_images(create_dataset(r.name, "test", **kw), skip).with_transform(tf))  # fmt: skip
 
 
 def build_model(cfg: RunConfig, scenario: Scenario | None = None,
@@ -90,15 +100,35 @@ def build_method(cfg: RunConfig, model: ContinualModel, scenario: Scenario) -> M
     return METHODS.get(cfg.method.name)(cfg.method, model, scenario, cfg.train)
 
 
+def probe_backbone(cfg: RunConfig) -> nn.Module:
+    """The backbone at random init, read for its data config; ``build_run`` makes it first (it draws the RNG)."""
+    m = cfg.model
+    return create_backbone(m.backbone, pretrained=False, **m.kwargs)
+
+
+def rebuild_method(cfg: RunConfig, scenario: Scenario) -> Method:
+    """The method as ``build_run`` builds it, without data: seeded, the same draws from the RNG (the probe backbone,
+    the model, the method's surgery), so the same initial weights; on the CPU."""
+    seed_everything(cfg.seed)
+    probe_backbone(cfg)
+    return build_method(cfg, build_model(cfg, scenario), scenario)
+
+
 def build_run(cfg: RunConfig, device: torch.device | None = None) -> tuple[Scenario, Method]:
     """Data, scenario, model and method for ``cfg`` (no training); the adapted model is then moved to ``device``."""
     device = device or resolve_device(cfg.train.device)
+    if cfg.train.schedule == "plateau" and cfg.scenario.val_fraction <= 0:
+        raise ConfigError("train.schedule=plateau needs a validation split: set scenario.val_fraction > 0 "
+                          "(FACIL uses 0.1)")  # fmt: skip
     m = cfg.model
-    probe = create_backbone(m.backbone, pretrained=False, **m.kwargs)
-    dcfg = data_config(probe)
+    check_sha256(m.backbone, m.pretrained, m.weights, m.sha256)
+    dcfg = data_config(probe_backbone(cfg))
     train, test, train_eval = build_datasets(cfg, dcfg)
-    if cfg.data.num_classes is not None and cfg.data.num_classes != len(train.classes):
-        raise ConfigError(f"data.num_classes={cfg.data.num_classes} but {cfg.data.name} has {len(train.classes)}")
+    n = len(train.classes)
+    if cfg.data.num_classes is not None and cfg.data.num_classes != n:
+        where = f"{cfg.data.name} at {cfg.data.root}" if cfg.data.root else cfg.data.name
+        raise ConfigError(f"data.num_classes={cfg.data.num_classes} but {where} has {n} classes; point data.root at "
+                          f"the dataset the preset expects, or set data.num_classes={n}")  # fmt: skip
     scenario = create_scenario(train, test, cfg.scenario, train_eval, seed=cfg.seed)
     method = build_method(cfg, build_model(cfg, scenario), scenario)
     return scenario, method.to(device)

@@ -10,11 +10,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from retain.config import TrainConfig
 
-__all__ = ["RunContext", "RunError"]
+__all__ = ["RunContext", "RunError", "NonFiniteLoss", "RunInterrupted"]
 
 
 class RunError(RuntimeError):
     """A run cannot start or continue as asked; the message says why and what to do."""
+
+
+class NonFiniteLoss(RunError):
+    """A loss (or a weight) became NaN or infinite; the message names the step."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run stopped on request (Ctrl-C) after saving; the message says where and what was saved."""
 
 
 @dataclass

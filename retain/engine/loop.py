@@ -1,6 +1,6 @@
 """The run: for every task, ``fit_task`` (the method's stages, one ``StageLoop`` each), ``evaluate`` every view on
 the tasks seen so far, and a checkpoint of the method's state so ``resume=True`` continues after the last finished
-task."""
+task; inside a task, mid-task checkpoints (``checkpoint``) let it continue from the newest one."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import torch
 from retain.config import RunConfig
 from retain.data.scenarios import Scenario, Task
 from retain.engine.build import build_run, resolve_device, retention_datasets, seed_everything
-from retain.engine.context import RunContext, RunError
+from retain.engine.checkpoint import Checkpointer, MidTask, clear_midtask, read_midtask, stop_on_interrupt
+from retain.engine.context import NonFiniteLoss, RunContext, RunError, RunInterrupted
 from retain.engine.evaluation import Evaluation, evaluate, primary_view, retention_accuracy
-from retain.engine.rundir import RunDir, RunState, metrics_record
+from retain.engine.rundir import RunDir, RunState, metrics_record, state_sha256
 from retain.engine.stages import StageLoop
 from retain.methods.base import Method
 from retain.models.adapters import mark_trainable
@@ -21,15 +22,29 @@ from retain.models.adapters import mark_trainable
 __all__ = ["run", "fit_task"]
 
 
-def fit_task(method: Method, task: Task, ctx: RunContext) -> tuple[float, int]:
-    """Run the method's stages for ``task``; returns (seconds, parameters trained in any stage)."""
-    start = time.perf_counter()
+def fit_task(method: Method, task: Task, ctx: RunContext, saver: Checkpointer | None = None,
+             resume: MidTask | None = None) -> tuple[float, int]:  # fmt: skip
+    """Run the method's stages for ``task``; returns (seconds, parameters trained in any stage).
+
+    ``saver`` writes mid-task checkpoints. ``resume`` continues from one: ``before_task`` runs again on the state
+    the task started from, then the saved tensors replace the method's and the saved stage continues where it stood.
+    """
+    start = time.perf_counter() - (resume.task_seconds if resume is not None else 0.0)
     method.make_loader = ctx.pass_loader
     method.model.head.n_active = task.index + 1
     method.before_task(task)
     stages = method.stages(task)
-    for i, stage in enumerate(stages):
-        StageLoop(method, task, stage, ctx, i).run()
+    first = 0 if resume is None else resume.stage
+    if resume is not None:
+        method.load_checkpoint_state({k: v.to(method.device) for k, v in resume.method.items()})
+    if saver is not None:
+        saver.task_start = start
+    hooks = (saver.after_step, saver.after_epoch) if saver is not None else (None, None)
+    for i, stage in enumerate(stages[first:], first):
+        loop = StageLoop(method, task, stage, ctx, i)
+        if resume is not None and i == first:
+            loop.load_state_dict(resume.loop)
+        loop.run(*hooks)
     n_trained = method.trained_names(task, stages)
     method.after_task(task)
     mark_trainable(method.model, [])
@@ -48,7 +63,9 @@ def _open_writer(cfg: RunConfig, out: RunDir):
 def run(cfg: RunConfig, resume: bool = False, log=print) -> dict:
     """Train ``cfg.method`` over the scenario, evaluating after each task; returns the metrics record.
 
-    Writes ``runs/<name>/{config.yaml, metrics.json, run_state.json, checkpoints/, tb/}``.
+    Writes ``runs/<name>/{config.yaml, scenario.json, init_sha256.json, metrics.json, run_state.json, checkpoints/,
+    tb/}``. With
+    ``resume``, continues from the newest complete checkpoint (mid-task, else after the last finished task).
     """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -56,12 +73,15 @@ def run(cfg: RunConfig, resume: bool = False, log=print) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
     scenario, method = build_run(cfg, device)
+    out.check_initial(state_sha256(method.model.state_dict()), resume)
     out.save_config(cfg)
+    out.save_scenario(scenario)
     state = out.load_state(scenario.protocol)
     method.setup()
     if state.finished_tasks:
         _resume(method, scenario, state, out, log)
-    ctx = RunContext(cfg.train, device, _open_writer(cfg, out), step=state.step, seed=cfg.seed)
+    mid = _midtask(out, state, log) if resume else None
+    ctx = RunContext(cfg.train, device, _open_writer(cfg, out), step=mid.step if mid else state.step, seed=cfg.seed)
     r = cfg.data.retention
     retention = retention_datasets(cfg, scenario.tasks[0].test.base)
     if retention is not None and not state.retention:  # the pre-trained backbone's score comes first
@@ -69,24 +89,42 @@ def run(cfg: RunConfig, resume: bool = False, log=print) -> dict:
         method.evaluating()
         state.retention.append(retention_accuracy(method, retention, r.k, r.temperature))
         method.training()
+    out.save_state(state)  # from now on the directory holds a run
+    saver = Checkpointer(cfg, out.path, method, ctx)
     try:
-        for task in scenario.tasks[state.finished_tasks :]:
-            seed_everything(cfg.seed + task.index)
-            seconds, n_trained = fit_task(method, task, ctx)
-            ev = evaluate(method, scenario, task.index, ctx, retention, r.k, r.temperature)
-            state.record_task(ev, seconds, n_trained, method.bytes_per_task(task))
-            state.step = ctx.step
-            if cfg.checkpoint:
-                state.checkpoint = out.save_checkpoint(method.checkpoint_state(), task.index, method.name)
-            out.save_state(state)
-            out.write_metrics(metrics_record(cfg, scenario.class_order, scenario.n_tasks, state))
-            _log_task(ctx, task, ev, seconds, cfg.name, scenario.n_tasks, log)
+        with stop_on_interrupt(saver):
+            for task in scenario.tasks[state.finished_tasks :]:
+                _run_task(cfg, method, scenario, task, ctx, saver, mid, state, out, retention, log)
+                mid = None
+    except NonFiniteLoss as e:
+        kept = f"the checkpoint at {saver.saved}" if saver.saved else f"{state.finished_tasks} finished task(s)"
+        raise NonFiniteLoss(f"{e}; {out.path} keeps {kept}: lower train.lr or set train.grad_clip, then start a "
+                            "new run with another name=...") from None  # fmt: skip
     finally:
         if ctx.writer is not None:
             ctx.writer.close()
     record = metrics_record(cfg, scenario.class_order, scenario.n_tasks, state)
     out.write_metrics(record)
     return record
+
+
+def _run_task(cfg: RunConfig, method: Method, scenario: Scenario, task: Task, ctx: RunContext, saver: Checkpointer,
+              mid: MidTask | None, state: RunState, out: RunDir, retention, log) -> None:  # fmt: skip
+    """Fit, evaluate and save one task (continuing ``mid`` when given); a pending stop request ends the run here."""
+    r = cfg.data.retention
+    seed_everything(cfg.seed + task.index)
+    seconds, n_trained = fit_task(method, task, ctx, saver, mid)
+    ev = evaluate(method, scenario, task.index, ctx, retention, r.k, r.temperature)
+    state.record_task(ev, seconds, n_trained, method.bytes_per_task(task))
+    state.step = ctx.step
+    if cfg.checkpoint:
+        state.checkpoint = out.save_checkpoint(method.checkpoint_state(), task.index, method.name)
+    out.save_state(state)
+    clear_midtask(out.path)
+    out.write_metrics(metrics_record(cfg, scenario.class_order, scenario.n_tasks, state))
+    _log_task(ctx, task, ev, seconds, cfg.name, scenario.n_tasks, log)
+    if saver.stop_requested:
+        raise RunInterrupted(f"stopped after task {task.index + 1}/{scenario.n_tasks}, which is saved in {out.path}")
 
 
 def _log_task(ctx: RunContext, task: Task, ev: Evaluation, seconds: float, name: str, n_tasks: int, log) -> None:
@@ -112,3 +150,14 @@ def _resume(method: Method, scenario: Scenario, state: RunState, out: RunDir, lo
     method.model.head.n_active = done
     method.resume(scenario.tasks[done - 1])
     log(f"[resume] {done} finished task(s) loaded from {out.path / state.checkpoint}")
+
+
+def _midtask(out: RunDir, state: RunState, log) -> MidTask | None:
+    """The mid-task checkpoint of the task after the finished ones, if there is one (an older one is dropped)."""
+    mid = read_midtask(out.path, log)
+    if mid is not None and mid.task != state.finished_tasks:  # its task finished after it was written
+        clear_midtask(out.path)
+        return None
+    if mid is not None:
+        log(f"[resume] continuing from the checkpoint at {mid.where}")
+    return mid

@@ -1,12 +1,16 @@
 """The run directory: resolved config, run state, per-task checkpoints and metrics, each written atomically.
 
-``runs/<name>/{config.yaml, run_state.json, metrics.json, checkpoints/task_NNN.safetensors, tb/}``
+``runs/<name>/{config.yaml, scenario.json, init_sha256.json, run_state.json, metrics.json,
+checkpoints/task_NNN.safetensors, tb/}``
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,16 +20,39 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from retain import metrics
-from retain.config import RunConfig, config_to_dict, save_config
+from retain.config import RunConfig, config_to_dict, load_yaml, save_config
+from retain.data.scenarios import Scenario
 from retain.engine.context import RunError
 from retain.engine.evaluation import Evaluation, primary_view
 
-__all__ = ["RunState", "RunDir", "STATE_FILE", "METRICS_FILE", "FREE_KEYS"]
+__all__ = ["RunState", "RunDir", "STATE_FILE", "METRICS_FILE", "SCENARIO_FILE", "INIT_FILE", "FREE_KEYS",
+           "tensor_sha256", "state_sha256", "combined_sha256"]  # fmt: skip
 
 STATE_FILE = "run_state.json"
 METRICS_FILE = "metrics.json"
 # keys that may differ on --resume: they change how a run is executed, not what it computes
-FREE_KEYS = {"train.progress", "train.tensorboard", "train.num_workers", "train.device", "train.threads"}
+FREE_KEYS = {"train.progress", "train.tensorboard", "train.num_workers", "train.device", "train.threads",
+             "run.checkpoint_every"}  # fmt: skip
+SCENARIO_FILE = "scenario.json"
+INIT_FILE = "init_sha256.json"  # sha256 of every tensor of the model the run started from
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``tensor_sha256`` of each tensor, by name."""
+    return {k: tensor_sha256(v) for k, v in state.items()}
+
+
+def combined_sha256(digests: dict[str, str]) -> str:
+    """One sha256 over named tensor digests, in name order."""
+    return hashlib.sha256("".join(f"{k}:{digests[k]}\n" for k in sorted(digests)).encode()).hexdigest()
 
 
 @dataclass
@@ -83,15 +110,41 @@ class RunDir:
             raise RunError(f"run directory {out.path} already holds a run; continue it with --resume, or pick "
                            "another name=NEW_NAME")  # fmt: skip
         if resume and (out.path / "config.yaml").exists():
-            saved = yaml.safe_load((out.path / "config.yaml").read_text())
-            _check_same(saved, config_to_dict(cfg))
+            try:
+                saved = load_yaml((out.path / "config.yaml").read_text())
+            except yaml.YAMLError as e:
+                problem = getattr(e, "problem", e)
+                raise RunError(f"--resume: {out.path / 'config.yaml'} is not readable YAML ({problem}); start a new "
+                               "run with another name=...") from None  # fmt: skip
+            _check_same(saved, config_to_dict(cfg), defaults=config_to_dict(RunConfig(method=type(cfg.method)())))
         out.path.mkdir(parents=True, exist_ok=True)
         return out
 
     def save_config(self, cfg: RunConfig) -> None:
         tmp = self.path / "config.yaml.tmp"
-        save_config(cfg, tmp)
-        os.replace(tmp, self.path / "config.yaml")
+        with _writing(tmp, self.path / "config.yaml"):
+            save_config(cfg, tmp)
+            os.replace(tmp, self.path / "config.yaml")
+
+    def check_initial(self, digests: dict[str, str], resume: bool) -> None:
+        """Record the sha256 of each tensor of the model the run starts from; on resume, refuse a model that is not
+        that one (another weights file, another version of the code)."""
+        path = self.path / INIT_FILE
+        if resume and path.exists():
+            saved = json.loads(path.read_text())
+            changed = sorted(k for k in set(saved) | set(digests) if saved.get(k) != digests.get(k))
+            if changed:
+                raise RunError(f"--resume: the model built now is not the one this run started from ({changed[0]} "
+                               "differs: another weights file or version of retain?); start a new run with another "
+                               "name=...")  # fmt: skip
+            return
+        self.write_json(INIT_FILE, digests)
+
+    def save_scenario(self, scenario: Scenario) -> None:
+        """``scenario.json``: protocol, class order, class names and task sizes (what an export needs)."""
+        self.write_json(SCENARIO_FILE, {"protocol": scenario.protocol, "class_order": scenario.class_order,
+                                        "class_names": scenario.class_names,
+                                        "classes_per_task": scenario.classes_per_task})  # fmt: skip
 
     def load_state(self, protocol: str) -> RunState:
         path = self.path / STATE_FILE
@@ -108,8 +161,9 @@ class RunDir:
         (self.path / "checkpoints").mkdir(exist_ok=True)
         state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         tmp = self.path / f"{rel}.tmp"
-        save_file(state, str(tmp), metadata={"task": str(task), "method": method})
-        os.replace(tmp, self.path / rel)
+        with _writing(tmp, self.path / rel):
+            save_file(state, str(tmp), metadata={"task": str(task), "method": method})
+            os.replace(tmp, self.path / rel)
         return rel
 
     def load_checkpoint(self, rel: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -121,20 +175,50 @@ class RunDir:
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         path = self.path / name
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)  # an interrupted write never corrupts finished results
+        with _writing(tmp, path):
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, path)  # an interrupted write never corrupts finished results
 
     def write_metrics(self, record: dict[str, Any]) -> None:
         self.write_json(METRICS_FILE, record)
 
 
-def _check_same(saved: dict, now: dict, prefix: str = "") -> None:
+@contextmanager
+def _writing(tmp: Path, dest: Path) -> Iterator[None]:
+    """Around writing ``tmp`` then renaming it to ``dest``: a full disk (or any OS error) is one RunError; the temp
+    file goes."""
+    try:
+        yield
+    except OSError as e:
+        raise RunError(f"could not write {dest}: {e.strerror or e}; what was saved before is kept: "
+                       "free disk space, then continue with --resume") from None  # fmt: skip
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_same(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> None:
+    """Refuse to resume under a config that computes something else; a key the saved config lacks (written by an
+    older retain) is accepted at its default value."""
     for key in sorted(set(saved) | set(now)):
         path = f"{prefix}{key}"
         a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            _check_same(a, b, path + ".")
-        elif a != b and path not in FREE_KEYS:
+        default = (defaults or {}).get(key)
+        old_section = isinstance(a, dict) or (key not in saved and isinstance(b, dict))
+        new_section = isinstance(b, dict) or (key not in now and isinstance(a, dict))
+        if old_section and new_section:  # a whole section may be missing on either side
+            _check_same(a or {}, b or {}, path + ".", default if isinstance(default, dict) else None)
+        elif path in FREE_KEYS or a == b:
+            continue
+        elif key not in saved and defaults is not None and key in defaults:  # a key added since the run started
+            if b != default:
+                raise RunError(
+                    f"--resume: the saved config.yaml (an older retain) has no key {path}, which is now "
+                    f"{b!r}; resume with {path}={default!r} or start a new run with another name=..."
+                )
+        elif key not in now:
+            raise RunError(f"--resume: the saved config.yaml has {path}={a!r}, which this config does not have "
+                           "(another version of retain?); start a new run with another name=...")  # fmt: skip
+        else:
             raise RunError(f"--resume with a different config: {path} was {a!r}, now {b!r}; use the saved config")
 
 

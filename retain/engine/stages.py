@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from retain.config import ConfigError, TrainConfig
 from retain.data.scenarios import Task
-from retain.engine.context import RunContext, RunError
+from retain.engine.context import NonFiniteLoss, RunContext, RunError
 from retain.engine.schedules import Schedule, build_schedule
 from retain.methods.base import Method, Stage
 from retain.models.adapters import mark_trainable
@@ -101,8 +101,10 @@ class StageLoop:
         return not self.active or self.stopped or self.pos.step >= self.total_steps
 
     # ---- the loop -------------------------------------------------------------------------------------------------
-    def run(self, after_step: Callable[[StageLoop], None] | None = None) -> None:
-        """Train until the budget is spent or the schedule stops; ``after_step(self)`` runs after every step."""
+    def run(self, after_step: Callable[[StageLoop], None] | None = None,
+            after_epoch: Callable[[StageLoop], None] | None = None) -> None:  # fmt: skip
+        """Train until the budget is spent or the schedule stops; ``after_step(self)`` runs after every step and
+        ``after_epoch(self)`` after every whole epoch (its position then is the next epoch's start)."""
         if not self.active:
             return
         self.method.model.train()
@@ -116,6 +118,8 @@ class StageLoop:
                 break
             self.pos.epoch, self.pos.batch = self.pos.epoch + 1, 0
             self.stopped = self.schedule.end_epoch(self.method.model, val_loss)
+            if after_epoch is not None:
+                after_epoch(self)
         self.schedule.finish(self.method.model)
 
     def _batches(self, desc: str) -> tuple[tqdm, Iterator]:
@@ -149,7 +153,10 @@ class StageLoop:
                 terms = self.method.loss((x, y), stage)
             loss = sum(terms.values())
             if not torch.isfinite(loss):
-                raise RunError(f"loss became {loss.item()} in {desc}; lower train.lr or set train.grad_clip")
+                raise NonFiniteLoss(
+                    f"loss became {loss.item()} at step {ctx.step + 1} (task {self.task.index}, "
+                    f"stage {stage.name!r}, epoch {self.pos.epoch + 1}, batch {self.pos.batch + 1})"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if ctx.train.grad_clip:

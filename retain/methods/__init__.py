@@ -4,7 +4,19 @@ A method's name is written once, as the default of its config's ``name`` field (
 ``@register_method`` registers the method in ``METHODS`` and its config in ``retain.config.METHOD_CONFIGS``.
 """
 
-from retain.methods import confit, ewc, finetune, joint, linear_probe, ln_tuning, lwf, simplecil  # noqa: F401  (fill the registry)
+from retain.methods import (  # noqa: F401  (fill the registry)
+    block_expansion,
+    confit,
+    ewc,
+    finetune,
+    joint,
+    linear_probe,
+    ln_tuning,
+    lora,
+    lwf,
+    pad,
+    simplecil,
+)
 from retain.methods.base import METHODS, ContinualModel, Method, MethodConfig, Stage, mark_trainable, register_method
 
 __all__ = ["METHODS", "Method", "MethodConfig", "Stage", "ContinualModel", "register_method", "mark_trainable",

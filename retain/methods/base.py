@@ -4,7 +4,8 @@
 ``loss(batch, stage) -> {name: tensor}`` (summed by the engine, each term logged), ``after_task(task)``,
 ``predict(x, task_id)`` where inference differs from ``model(x)``, ``features(x)`` for the retention probe, and
 the ``evaluating()`` / ``training()`` pair around every evaluation. Extra passes over data (Fisher, prototypes,
-keys, caches) go through ``self.loader(data)``, which the engine provides.
+keys, caches) go through ``self.loader(data)``, which the engine provides. ``checkpoint_state()`` /
+``load_checkpoint_state()`` / ``resume()`` save and restore it; ``deployed_state()`` is what an export keeps.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ class Stage:
 
     The budget is ``steps`` optimiser steps when set, else ``epochs`` passes over the data. ``data`` may be a
     dataset or a zero-argument callable building one when the stage starts (e.g. features that depend on what
-    the stage before trained); None means ``method.train_dataset(task)``, and only then is the task's validation
-    split (if any) evaluated after each epoch.
+    the stage before trained; never on what this stage trains: a stage resumed mid-way rebuilds it from the saved
+    weights); None means ``method.train_dataset(task)``, and only then is the task's validation split (if any)
+    evaluated after each epoch.
     """
 
     name: str
@@ -127,6 +129,8 @@ class Method:
         """Called once before the first task."""
 
     def before_task(self, task: Task) -> None:
+        """Called before the task's stages. Resuming from a mid-task checkpoint calls it again on the state the
+        task started from, then loads the saved ``checkpoint_state()``: what it sets up must follow from that."""
         self.task = task
 
     def trainable_prefixes(self, task: Task) -> list[str]:
@@ -150,7 +154,7 @@ class Method:
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor], stage: Stage) -> dict[str, torch.Tensor]:
         x, y = batch
-        logits = self.mask_logits(self.forward_train(x))  # (B, C)
+        logits = self.mask_logits(self.forward_train(x), y)  # (B, C)
         return {"ce": F.cross_entropy(logits, y, label_smoothing=self.train_cfg.label_smoothing)}
 
     def after_task(self, task: Task) -> None:
@@ -202,19 +206,36 @@ class Method:
         """Prefixes of the heads of tasks 0..task (the ones a seen-class CE gives gradients to)."""
         return [f"head.heads.{i}." for i in range(task.index + 1)]
 
-    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Restrict the training CE to the classes ``cfg.train_mask`` names (labels outside get -inf)."""
+    def mask_logits(self, logits: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Restrict the training CE to the classes ``cfg.train_mask`` names (labels outside get -inf).
+
+        Class-IL: ``seen`` keeps tasks 0..t, ``current`` task t only. Task-IL (``seen`` or ``current``): with the
+        labels ``y`` each sample keeps its own task's classes (joint and replay feed old tasks' samples; FACIL's
+        multi-head CE ``outputs[t]``); without them, task t's classes. ``all``: no mask.
+        """
         task = self.task
         if self.cfg.train_mask == "all" or task is None:
             return logits
+        if y is not None and self.scenario.protocol == "task_il":
+            label_task = self._label_tasks(logits.device)  # (C,)
+            own = label_task[: logits.shape[1]].unsqueeze(0) == label_task[y].unsqueeze(1)  # (B, C)
+            return logits.masked_fill(~own, float("-inf"))
         lo = task.offset if (self.cfg.train_mask == "current" or self.scenario.protocol == "task_il") else 0
         hi = task.offset + task.n_classes
         mask = torch.full_like(logits, float("-inf"))
         mask[:, lo:hi] = 0
         return logits + mask
 
+    def _label_tasks(self, device: torch.device) -> torch.Tensor:
+        """(C,) task index of every scenario label on ``device``, built once per device (``mask_logits``)."""
+        cached = getattr(self, "_label_task_cache", None)
+        if cached is None or cached.device != device:
+            cached = self._label_task_cache = self.scenario.task_of_label().to(device)
+        return cached
+
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """Tensors to save after each task so a run can resume (default: every parameter and buffer trained)."""
+        """Tensors to save after each task and inside one (mid-task checkpoints) so a run can resume: every tensor
+        a stage trains or a step changes (default: every parameter and buffer of the model)."""
         return {k: v for k, v in self.model.state_dict().items()}
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -224,6 +245,12 @@ class Method:
                 f"checkpoint has unknown tensors (first: {sorted(missing)[0]}); was it made by this config?"
             )
         self.model.load_state_dict(state, strict=False)
+
+    def deployed_state(self) -> dict[str, torch.Tensor]:
+        """The model tensors prediction needs: ``checkpoint_state()`` less what only training uses (an export keeps
+        those that differ from a freshly built model)."""
+        own = self.model.state_dict()
+        return {k: v for k, v in self.checkpoint_state().items() if k in own}
 
     def bytes_per_task(self, task: Task) -> int:
         """Bytes a deployment keeps for this task on top of the shared model (default: the task's head rows)."""

@@ -1,8 +1,9 @@
 """ConFiT (Jie, Deng, Li, "Alleviating Representational Shift for Continual Fine-tuning", CVPRW 2022, 2204.10535).
 
 Task-incremental continual fine-tuning of a pre-trained CNN. Each task is trained hierarchically: the task's head
-alone for the first E//5 epochs, head + every BatchNorm affine until E//2, then every parameter; BN stays in train
-mode throughout (so its running statistics follow the new task even while the backbone is frozen). Xconv BN
+alone for the first E//5 epochs, head + every BatchNorm affine until E//2, then every parameter (for E < 5 the
+official per-epoch rule has no BN stage, see :func:`hierarchical_epochs`); BN stays in train mode throughout (so
+its running statistics follow the new task even while the backbone is frozen). Xconv BN
 (``retain.models.xconv_bn``) keeps each task's BN (weight, bias, variance) and conv-input means and, when an old
 task is evaluated, recomputes that task's BN means through the current convs. Nothing is frozen for good.
 """
@@ -19,7 +20,21 @@ from retain.data.scenarios import Scenario, Task
 from retain.methods.base import ContinualModel, Method, MethodConfig, Stage, register_method
 from retain.models.xconv_bn import XconvBN
 
-__all__ = ["ConFiTConfig", "ConFiT"]
+__all__ = ["ConFiTConfig", "ConFiT", "hierarchical_epochs"]
+
+
+def hierarchical_epochs(epochs: int) -> tuple[int, int, int]:
+    """Epochs of the ``head``, ``head+bn`` and ``all`` stages for E = ``epochs``, as the official code gives them.
+
+    The paper code (JieShibo/ConFiT ``main.py:78-90``) sets the trainable parameters at the start of each epoch:
+    ``if epoch == 0: fc only / elif epoch == E // 5: + BN / elif epoch == E // 2: all``. For E >= 5 that is
+    (E//5, E//2 - E//5, E - E//2). For E < 5, E//5 = 0 so the ``epoch == 0`` branch shadows the BN switch: no
+    BN stage, the head alone for E//2 epochs, then all; for E = 1 (E//2 = 0 too) only the head trains, for 1 epoch.
+    """
+    # a switch due at epoch 0 never happens: that epoch always takes the head-only branch
+    bn_start = epochs // 5 or epochs // 2 or epochs  # first epoch that trains more than the head
+    all_start = epochs // 2 or epochs  # first epoch that trains everything
+    return bn_start, all_start - bn_start, epochs - all_start
 
 
 @dataclass
@@ -27,7 +42,7 @@ class ConFiTConfig(MethodConfig):
     """Both flags off is plain fine-tuning (with one head per task), the same as method ``finetune``."""
 
     name: str = "confit"
-    hierarchical: bool = True  # head for E//5 epochs -> + BN affine until E//2 -> all; False: all for E epochs
+    hierarchical: bool = True  # head -> + BN affine -> all (hierarchical_epochs); False: all for E epochs
     xconv_bn: bool = True  # per-task BN snapshots, old tasks' BN means recovered through the current convs
     tracker_momentum: float = 0.1  # EMA momentum of the conv-input mean trackers (BN's default)
 
@@ -66,15 +81,21 @@ class ConFiT(Method):
         return ["backbone.", *self.head_prefixes(task)]
 
     def stages(self, task: Task) -> list[Stage]:
+        """The official per-epoch trainable sets as stages (empty ones dropped: E < 5 has no ``head+bn``).
+
+        Each stage gets a fresh optimiser; with plain SGD without momentum that equals the paper's one per task.
+        """
         epochs = self.train_cfg.epochs
         head, everything = self.head_prefixes(task), self.trainable_prefixes(task)
         if not self.cfg.hierarchical:
             return [Stage("all", epochs, everything)]
-        return [
-            Stage("head", epochs // 5, head),
-            Stage("head+bn", epochs // 2 - epochs // 5, head + self.bn_prefixes()),
-            Stage("all", epochs - epochs // 2, everything),
+        n_head, n_bn, n_all = hierarchical_epochs(epochs)
+        stages = [
+            Stage("head", n_head, head),
+            Stage("head+bn", n_bn, head + self.bn_prefixes()),
+            Stage("all", n_all, everything),
         ]
+        return [s for s in stages if s.epochs > 0]  # the official per-epoch rule, run-length encoded
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def before_task(self, task: Task) -> None:

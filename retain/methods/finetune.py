@@ -1,6 +1,9 @@
 """Fine-tuning baseline: every backbone weight and the head are trained on each task in turn, no regularisation.
 
 The lower bound of every continual-learning table: it shows how much a method saves from catastrophic forgetting.
+The heads trained follow ``train_mask``: ``seen`` (default; all seen heads, CE over the seen classes: FACIL's
+``finetuning --all-outputs``) or ``current`` (the current head only, old heads frozen, CE over the current task's
+classes: FACIL's default ``finetuning``, the lower bound its LwF and EWC add one term to).
 """
 
 from __future__ import annotations
@@ -23,4 +26,5 @@ class Finetune(Method):
     config_class = FinetuneConfig
 
     def trainable_prefixes(self, task: Task) -> list[str]:
-        return ["backbone.", *self.seen_heads(task)]
+        heads = [f"head.heads.{task.index}."] if self.cfg.train_mask == "current" else self.seen_heads(task)
+        return ["backbone.", *heads]

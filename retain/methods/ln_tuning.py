@@ -10,12 +10,18 @@ Per task (two-stage variant): (1a) key, (1b) LN rows with the oracle task id and
 the task's classes, (2) the real head on features from the test-time selection, logits masked to the task's classes.
 Beyond the original (each an option): closed-form keys, one pass for batches mixing tasks, frozen-model queries
 cached per image, stage 2 on cached features, and an artefact holding only the task-specific tensors.
+
+Precision: queries, key similarities, the argmax and the logits are float32 whatever the run's autocast, so a
+near-tie routes alike in stage 2 and at test. Outside the method's own passes the backbone is the pre-trained ViT
+(``TaskLayerNorm`` rows are set explicitly wherever task rows are meant).
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +43,12 @@ from retain.models.task_layernorm import (
     use_task,
 )
 
-__all__ = ["LNTuningConfig", "LNTuning", "key_loss", "select_task", "closed_form_key"]
+__all__ = ["LNTuningConfig", "LNTuning", "key_loss", "select_task", "closed_form_key", "similarity_weights"]
 
 VARIANTS = ("two_stage", "single_stage")
 HEAD_FEATURES = ("cached", "online")
 QUERY_MODELS = ("shared", "copy")
+SIM_WEIGHTS = ("official", "uniform")
 
 
 @dataclass
@@ -58,24 +65,49 @@ class LNTuningConfig(MethodConfig):
     head_features: str = "cached"  # cached: stage 2 on train_eval features made once | online: augmented, per step
     mixed_batch: bool = True  # one pass with per-sample LN rows; False: split the batch by task
     query_model: str = "shared"  # shared: same backbone with the pre-trained LN row | copy: a frozen deepcopy
-    sim_weight: float = 1.0  # single_stage: weight of the per-layer key-similarity term
+    sim_weight: float = 1.0  # single_stage: weight of the key-similarity term
+    sim_weights: str = "official"  # single_stage: official = mean per block, then over blocks + final norm | uniform
     export_path: str | None = None  # after each task, write the artefact (``export``) to this safetensors file
 
 
+def _fp32(t: torch.Tensor) -> torch.autocast:
+    """Autocast off on ``t``'s device: what runs inside is float32 (given float32 inputs) whatever the run's amp."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def key_loss(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """``-mean_i cos(query_i, key)`` for queries (B, D) and one key (D,)."""
-    return -(F.normalize(query, dim=-1) @ F.normalize(key, dim=0)).mean()  # (B,) -> ()
+    """``-mean_i cos(query_i, key)`` for queries (B, D) and one key (D,), in float32."""
+    with _fp32(query):
+        return -(F.normalize(query.float(), dim=-1) @ F.normalize(key.float(), dim=0)).mean()  # (B,) -> ()
 
 
 def select_task(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the key (rows of (K, D)) most cosine-similar to each query (B, D)."""
-    sim = F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).T  # (B, K)
+    """(B,) index of the key (rows of (K, D)) most cosine-similar to each query (B, D); float32 whatever the
+    autocast (a bf16 matmul would round near-ties differently from the float32 selection of stage 2)."""
+    with _fp32(query):
+        sim = F.normalize(query.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T  # (B, K)
     return sim.argmax(dim=1)
 
 
 def closed_form_key(query: torch.Tensor) -> torch.Tensor:
     """(D,) the unit key minimising ``key_loss`` over queries (B, D): the normalised mean of normalised queries."""
-    return F.normalize(F.normalize(query, dim=-1).sum(0), dim=0)
+    with _fp32(query):
+        return F.normalize(F.normalize(query.float(), dim=-1).sum(0), dim=0)
+
+
+def similarity_weights(names: list[str], scheme: str = "official") -> list[float]:
+    """Weight of each LayerNorm's similarity (``names`` in forward order) in the single-stage term; they sum to 1.
+
+    ``official``: the LNs of a block (``blocks.<i>.*``) share one group, every other LN is a group of its own; the
+    term is the mean over groups of the mean within each group, as the official code (per block ``(norm1 +
+    norm2) / 2``, summed over blocks and the final norm, divided by blocks + 1): 1/26 per block LN and 1/13 for the
+    final norm in ViT-B/16. ``uniform``: 1/L for each of the L layers.
+    """
+    if scheme == "uniform":
+        return [1.0 / len(names)] * len(names)
+    groups = [m.group(0) if (m := re.match(r"blocks\.\d+\.", n)) else n for n in names]
+    sizes = Counter(groups)
+    return [1.0 / (len(sizes) * sizes[g]) for g in groups]
 
 
 def _digests(x: torch.Tensor) -> list[bytes]:
@@ -100,8 +132,9 @@ class LNTuning(Method):
         if cfg.query_model == "copy" and cfg.variant == "two_stage":
             self.query_model = copy.deepcopy(model.backbone).eval().requires_grad_(False)
         self.single_stage = cfg.variant == "single_stage"
-        inject_task_layernorm(model.backbone, n_tasks, selector=self.single_stage)
+        names = inject_task_layernorm(model.backbone, n_tasks, selector=self.single_stage)
         self.layers = task_layernorms(model.backbone)
+        self.sim_weights = similarity_weights(names, cfg.sim_weights)  # single stage: per layer, in self.layers order
         if not self.single_stage:
             device = self.layers[0].ln_weight.device
             keys = nn.init.orthogonal_(torch.empty(n_tasks, dim, device=device))  # (T, D), own key per task
@@ -163,15 +196,20 @@ class LNTuning(Method):
             return {"key": key_loss(self.queries(x, cache=False), self.model.ln_keys[t])}
         if stage.name == "head":
             feats = x if self.cfg.head_features == "cached" else self._online_head_features(x, t)  # (B, D)
-            logits = self.mask_logits(self.model.head(feats))  # (B, C)
+            logits = self.mask_logits(_logits(self.model.head, feats))  # (B, C)
             return {"ce": F.cross_entropy(logits, y, label_smoothing=self.train_cfg.label_smoothing)}
         with use_task(self.model.backbone, t):
-            logits = self.mask_logits(self.model.ln_fake_head(self.model.features(x)))  # (B, C)
+            logits = self.mask_logits(_logits(self.model.ln_fake_head, self.model.features(x)))  # (B, C)
         terms = {"ce": F.cross_entropy(logits, y, label_smoothing=self.train_cfg.label_smoothing)}
         if self.single_stage:
-            sim = torch.stack([m.similarity.mean() for m in self.layers]).mean()
-            terms["sim"] = -self.cfg.sim_weight * sim
+            terms["sim"] = -self.cfg.sim_weight * self.similarity_term()
         return terms
+
+    def similarity_term(self) -> torch.Tensor:
+        """Single stage: sum over layers of ``sim_weights[l] * mean_i cos(att_t * cls_i, key_t)`` of the last oracle
+        pass (float32), the term the LN stage maximises."""
+        sims = torch.stack([m.similarity.float().mean() for m in self.layers])  # (L,)
+        return (sims * sims.new_tensor(self.sim_weights)).sum()
 
     def after_task(self, task: Task) -> None:
         if self.cfg.export_path:
@@ -186,10 +224,10 @@ class LNTuning(Method):
         """Logits over all seen classes with the selected task's rows, and the selected task ids (B,)."""
         if task_id is not None:  # task-incremental: the oracle task's rows
             with use_task(self.model.backbone, task_id):
-                return self.model(x)
+                return _logits(self.model.head, self.model.features(x))
         upto = self.task.index if self.task is not None else 0
         feats, ids = self.inference_features(x, upto, cache=self.cfg.cache_queries)
-        return self.model.head(feats), ids
+        return _logits(self.model.head, feats), ids
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,10 +247,15 @@ class LNTuning(Method):
         state = self.model.state_dict()
         return {k: v for k, v in state.items() if k.startswith(("head.", "ln_")) or ".ln_" in k}
 
+    def deployed_state(self) -> dict[str, torch.Tensor]:
+        """As ``checkpoint_state`` without the throwaway head of the LN stage."""
+        return {k: v for k, v in super().deployed_state().items() if not k.startswith("ln_fake_head.")}
+
     # ---- task selection -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def queries(self, x: torch.Tensor, cache: bool = True) -> torch.Tensor:
-        """(B, D) CLS token of the frozen pre-trained ViT after its final norm (cached per image if ``cache``)."""
+        """(B, D) CLS token of the frozen pre-trained ViT after its final norm, float32 whatever the autocast
+        (cached per image if ``cache``)."""
         if not cache:
             return self._frozen_cls(x)
         digests = _digests(x)
@@ -225,13 +268,14 @@ class LNTuning(Method):
 
     def _frozen_cls(self, x: torch.Tensor) -> torch.Tensor:
         self.frozen_images += len(x)
-        if self.query_model is not None:
-            return self.query_model.forward_features(x)[:, 0]  # (B, D)
-        backbone, was_training = self.model.backbone, self.model.backbone.training
-        backbone.eval()
-        with use_task(backbone, PRETRAINED):
-            q = backbone.forward_features(x)[:, 0]  # (B, D)
-        backbone.train(was_training)
+        with _fp32(x):
+            if self.query_model is not None:
+                return self.query_model.forward_features(x.float())[:, 0]  # (B, D)
+            backbone, was_training = self.model.backbone, self.model.backbone.training
+            backbone.eval()
+            with use_task(backbone, PRETRAINED):
+                q = backbone.forward_features(x.float())[:, 0]  # (B, D)
+            backbone.train(was_training)
         return q
 
     @torch.no_grad()
@@ -336,6 +380,12 @@ class LNTuning(Method):
         self.model.head.n_active = n
 
 
+def _logits(head: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """(B, C) float32 logits of ``head`` on features (B, D), whatever the autocast (the head is one small matmul)."""
+    with _fp32(feats):
+        return head(feats.float())
+
+
 def _backbone_ref(backbone: nn.Module) -> str:
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     arch, tag = cfg.get("architecture", type(backbone).__name__), cfg.get("tag")
@@ -344,6 +394,7 @@ def _backbone_ref(backbone: nn.Module) -> str:
 
 def _check(cfg: LNTuningConfig) -> None:
     for key, value, valid in (("variant", cfg.variant, VARIANTS), ("head_features", cfg.head_features, HEAD_FEATURES),
-                              ("query_model", cfg.query_model, QUERY_MODELS)):  # fmt: skip
+                              ("query_model", cfg.query_model, QUERY_MODELS),
+                              ("sim_weights", cfg.sim_weights, SIM_WEIGHTS)):  # fmt: skip
         if value not in valid:
             raise ConfigError(f"method.{key}={value!r}; valid: {', '.join(valid)}")

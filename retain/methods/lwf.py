@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from retain.data.scenarios import Task
+from retain.losses import lwf_kd
 from retain.methods.base import Method, MethodConfig, Stage, register_method
 
 __all__ = ["LwFConfig", "LwF", "distillation_loss"]
@@ -29,12 +30,8 @@ class LwFConfig(MethodConfig):
 
 
 def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """FACIL's cross-entropy KD: ``-sum p_old log p_new`` with both softened by T; student smoothed by 1e-5/C."""
-    p_new = F.softmax(new_logits / temperature, dim=1)  # (B, C_old)
-    p_old = F.softmax(old_logits / temperature, dim=1)
-    p_new = p_new + 1e-5 / p_new.shape[1]
-    p_new = p_new / p_new.sum(dim=1, keepdim=True)
-    return -(p_old * p_new.log()).sum(dim=1).mean()
+    """FACIL's cross-entropy KD; the same as ``retain.losses.lwf_kd``, where it lives."""
+    return lwf_kd(new_logits, old_logits, temperature)
 
 
 @register_method
@@ -50,11 +47,11 @@ class LwF(Method):
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor], stage: Stage) -> dict[str, torch.Tensor]:
         x, y = batch
         logits = self.model(x)  # (B, C)
-        terms = {"ce": F.cross_entropy(self.mask_logits(logits), y)}
+        terms = {"ce": F.cross_entropy(self.mask_logits(logits, y), y)}
         if self.old_model is not None and self.task.offset > 0:
             with torch.no_grad():
                 old = self.old_model(x)[:, : self.task.offset]  # (B, C_old)
-            kd = distillation_loss(logits[:, : self.task.offset], old, self.cfg.temperature)
+            kd = lwf_kd(logits[:, : self.task.offset], old, self.cfg.temperature)
             terms["kd"] = self.cfg.lamb * kd
         return terms
 

@@ -8,6 +8,7 @@ has no classifier (``num_classes=0``) and timm's surface: ``forward_features``, 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +18,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from retain.models import cifar_resnet as _cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
+from retain.models import early_conv_vit as _early_conv_vit  # noqa: F401  (registers early_conv_vit with timm)
 from retain.models import vit as _vit  # noqa: F401  (registers vit_*_patch4_32 with timm)
 
-__all__ = ["PRETRAINED_TAGS", "TagInfo", "create_backbone", "backbone_names", "data_config", "load_weights"]
+__all__ = ["PRETRAINED_TAGS", "TagInfo", "create_backbone", "backbone_names", "data_config", "load_weights",
+           "weights_file", "file_sha256", "check_sha256"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ PRETRAINED_TAGS: dict[str, TagInfo] = {
 
 def backbone_names() -> list[str]:
     """Our registered architectures plus the pre-trained tags the presets use."""
-    ours = timm.list_models(["vit_*_patch4_32", "cifar_resnet*"])
+    ours = timm.list_models(["vit_*_patch4_32", "cifar_resnet*", "early_conv_vit"])
     return sorted(set(ours) | set(PRETRAINED_TAGS))
 
 
@@ -67,13 +70,57 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}; pass an existing .safetensors or .pth file")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is the same user error
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = reason if len(reason) <= 80 else reason[:79] + "…"
+        raise ValueError(
+            f"weights file {path} is not a readable weights file ({reason}); pass a .safetensors file "
+            "or a .pth of tensors (loaded with torch.load weights_only=True: no code)"
+        ) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (what weight cards list)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_file(name: str, pretrained: bool = True, weights: str | Path | None = None) -> Path | None:
+    """The local file a backbone's weights come from: ``weights``, else a shipped tag's file; None for hub
+    downloads and random initialisation."""
+    if weights is not None:
+        return Path(weights)
+    if not pretrained:
+        return None
+    file = getattr(timm.models.get_pretrained_cfg(name), "file", None)
+    return Path(file) if file else None
+
+
+def check_sha256(name: str, pretrained: bool, weights: str | Path | None, expected: str | None) -> None:
+    """ValueError unless the backbone's weights file has sha256 ``expected`` (nothing to check when None)."""
+    if expected is None:
+        return
+    path = weights_file(name, pretrained, weights)
+    if path is None:
+        raise ValueError(f"model.sha256 is set but {name} has no local weights file to check; pass "
+                         "model.weights=FILE or drop model.sha256")  # fmt: skip
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}; pass an existing .safetensors or .pth file")
+    actual = file_sha256(path)
+    if actual != expected.lower():
+        raise ValueError(f"weights file {path} has sha256 {actual}, not model.sha256={expected}: it is another file "
+                         "(or a corrupt copy); fetch the right one or correct model.sha256")  # fmt: skip
 
 
 def _check_shipped(name: str) -> None:
@@ -117,7 +164,11 @@ def create_backbone(name: str, pretrained: bool = True, weights: str | Path | No
         state = _adapt_state(model, state)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
-            raise ValueError(f"weights file {weights} lacks {len(missing)} backbone tensors (first: {missing[0]})")
+            raise ValueError(
+                f"weights file {weights} does not fit {name}: {len(missing)} of its tensors are missing "
+                f"or shaped differently (first: {missing[0]}); is it for another architecture? Pass "
+                "weights of this model.backbone, or set model.backbone to the file's architecture"
+            )
     return model
 
 

@@ -4,12 +4,16 @@ in Vision Transformers", ICCVW 2023).
 ``inject_task_layernorm(vit, n_tasks)`` replaces every ``nn.LayerNorm`` of a timm ViT, by name, with a
 ``TaskLayerNorm`` that holds a (tasks x dim) table of scale and bias rows (``ln_weight``, ``ln_bias``), initialised
 from the pre-trained values, which stay as frozen buffers (the "pre-trained row"). Which row a forward pass uses is
-set on all layers at once with ``set_task(model, task)`` / ``use_task(model, task)``:
+set on all layers at once with ``set_task(model, task)`` / ``use_task(model, task)``; a plain forward outside any
+``use_task`` is the pre-trained model:
 
 - an ``int`` t: row t for every sample (one fused ``F.layer_norm``, the training path);
 - ``PRETRAINED`` (-1): the pre-trained values, so the same backbone *is* the frozen pre-trained ViT;
 - a (B,) tensor of task ids: each sample gathers its own rows, so a batch that mixes tasks needs one pass;
 - ``SelectTask(upto)``: each layer picks its own row per sample from its CLS input (single-stage variant).
+
+Selection and the similarity term are computed in float32 whatever the autocast (ties must route alike in training
+and at test).
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ class TaskLayerNorm(nn.Module):
         if selector:
             self.ln_key = nn.Parameter(nn.init.orthogonal_(torch.empty(n_tasks, dim, device=w.device)))  # (T, D)
             self.ln_att = nn.Parameter(nn.init.orthogonal_(torch.empty(n_tasks, dim, device=w.device)))  # (T, D)
-        self.task: TaskSpec = 0
+        self.task: TaskSpec = PRETRAINED  # a plain forward is the pre-trained layer; task rows are set explicitly
         self.similarity: torch.Tensor | None = None  # (B,) cos(att_t * cls, key_t) of the last oracle pass
         self.selected: torch.Tensor | None = None  # (B,) ids chosen by the last SelectTask pass
 
@@ -113,15 +117,18 @@ class TaskLayerNorm(nn.Module):
         return torch.addcmul(b, xn, w, out=xn)  # (B, N, D)
 
     def _similarity(self, cls: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(B,) cos(att_id * cls, key_id) for each sample's task id."""
-        return F.cosine_similarity(cls * self.ln_att[ids], self.ln_key[ids], dim=-1)  # (B,)
+        """(B,) cos(att_id * cls, key_id) for each sample's task id, in float32."""
+        with torch.autocast(cls.device.type, enabled=False):
+            q = cls.float() * self.ln_att[ids].float()  # (B, D)
+            return F.cosine_similarity(q, self.ln_key[ids].float(), dim=-1)  # (B,)
 
     def _select(self, x: torch.Tensor, upto: int) -> torch.Tensor:
-        """(B,) argmax over tasks k <= upto of cos(att_k * cls, key_k), cls = the token entering this layer."""
+        """(B,) argmax over tasks k <= upto of cos(att_k * cls, key_k) in float32, cls = the token entering here."""
         if not self.has_selector:
             raise RuntimeError("SelectTask needs TaskLayerNorm(selector=True) (the single-stage variant)")
-        q = x[:, 0].unsqueeze(1) * self.ln_att[: upto + 1]  # (B, K, D)
-        sim = (F.normalize(q, dim=-1) * F.normalize(self.ln_key[: upto + 1], dim=-1)).sum(-1)  # (B, K)
+        with torch.autocast(x.device.type, enabled=False):
+            q = x[:, 0].float().unsqueeze(1) * self.ln_att[: upto + 1].float()  # (B, K, D)
+            sim = (F.normalize(q, dim=-1) * F.normalize(self.ln_key[: upto + 1].float(), dim=-1)).sum(-1)  # (B, K)
         return sim.argmax(dim=1)  # (B,)
 
 

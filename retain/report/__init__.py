@@ -70,6 +70,10 @@ def _run_section(run_dir: Path) -> str:
     if isinstance(tid, list) and any(v is not None for v in tid[: A.shape[0]]):
         steps = ", ".join("-" if v is None else f"{float(v):.1f}" for v in tid[: A.shape[0]])
         lines.append(f"- task-id accuracy after each task: {steps}")
+    knn = run.get("retention_knn")
+    if isinstance(knn, list) and knn:  # the pre-training domain's weighted k-NN: before training, then per task
+        after = ", ".join(f"{float(v):.1f}" for v in knn[1 : A.shape[0] + 1]) or "-"
+        lines.append(f"- retention k-NN accuracy: before training {float(knn[0]):.1f}; after each task: {after}")
     return "\n".join(lines) + "\n"
 
 

@@ -49,7 +49,15 @@ COLUMNS: dict[str, str] = {
     "bytes_per_task": "bytes/task",
     "total_time_s": "time (s)",
 }
+# Columns that appear only when some run has them (task-IL runs: the task-agnostic view).
+OPTIONAL_COLUMNS: dict[str, str] = {"tag_average_accuracy": "TAg acc", "tag_forgetting": "TAg forgetting"}
+# Retention of the pre-training domain (weighted k-NN, "retention_knn"): before training and after the last task.
+OPTIONAL_COLUMNS |= {"retention_before": "k-NN before", "retention_after": "k-NN after"}
 _PERCENT_KEYS = (
+    "retention_before",
+    "retention_after",
+    "tag_average_accuracy",
+    "tag_forgetting",
     "average_accuracy",
     "average_incremental_accuracy",
     "forgetting",
@@ -155,8 +163,10 @@ def summary_rows(run_dirs: PathLike | Iterable[PathLike]) -> list[dict[str, Any]
         if total_time is None and _finite(run.get("task_time_s")):
             total_time = sum(_finite(run.get("task_time_s")))
 
+        row = _view_columns(run, "tag", k) | _retention_columns(run, k)
         rows.append(
-            {
+            row
+            | {
                 "run": str(run.get("run", MISSING)),
                 "method": str(run.get("method", MISSING)),
                 "dataset": str(run.get("dataset", MISSING)),
@@ -173,6 +183,28 @@ def summary_rows(run_dirs: PathLike | Iterable[PathLike]) -> list[dict[str, Any]
             }
         )
     return rows
+
+
+def _view_columns(run: dict[str, Any], view: str, k: int) -> dict[str, Any]:
+    """Final average accuracy and forgetting of another accuracy view (``metrics.json``'s ``matrices``)."""
+    raw = (run.get("matrices") or {}).get(view)
+    if not raw or k == 0 or run.get("primary_view") == view:
+        return {}
+    A = accuracy_matrix({"accuracy_matrix": raw, "finished_tasks": k})
+    try:
+        summary = summarize(A)
+    except ValueError:
+        return {}
+    return {f"{view}_average_accuracy": summary["average_accuracy"], f"{view}_forgetting": summary["forgetting"]}
+
+
+def _retention_columns(run: dict[str, Any], k: int) -> dict[str, Any]:
+    """Retention k-NN accuracy before training and after the last finished task, when the run probed it."""
+    values = run.get("retention_knn")
+    if not isinstance(values, list) or not values:
+        return {}
+    after = values[min(k, len(values) - 1)] if k > 0 else None
+    return {"retention_before": values[0], "retention_after": MISSING if after is None else after}
 
 
 def _format_bytes(n: float) -> str:
@@ -207,7 +239,7 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
     keys = list(COLUMNS)
     extra = [k for r in rows for k in r if k not in COLUMNS]
     keys += list(dict.fromkeys(extra))
-    header = "| " + " | ".join(COLUMNS.get(k, k) for k in keys) + " |"
+    header = "| " + " | ".join(COLUMNS.get(k, OPTIONAL_COLUMNS.get(k, k)) for k in keys) + " |"
     align = "|" + "|".join(":---" if k in ("run", "method", "dataset", "protocol") else "---:" for k in keys) + "|"
     lines = [header, align]
     for r in rows:

@@ -1,0 +1,97 @@
+"""PAD (Pelosin, Jha et al., CVPRW 2022): cost of a PAD train step against LwF alone, same model, batch and weights.
+
+Both steps run the current model and the frozen previous-task model on the batch (LwF's KD needs both); PAD adds the
+recording hooks, the recomputed attention logits (attentional variant) and the pooled distillation. Each round times
+every variant once in a rotating order; the script prints the median time of each and the median per-round ratio
+PAD / LwF (goal of issue #8: <= 1.2).
+
+    nice -n 10 python benchmarks/pad_overhead.py                     # vit_tiny_patch4_32, batch 64, 1 thread
+    python benchmarks/pad_overhead.py --backbone early_conv_vit --batch 32 --kwargs "depth=4"
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from retain.config import load_config  # noqa: E402
+from retain.engine import RunContext, build_run, fit_task  # noqa: E402
+
+VARIANTS = {
+    "lwf": ["method.name=lwf"],
+    "pad asym functional": ["method.name=pad", "method.variant=functional", "method.asymmetric=true"],
+    "pad sym functional": ["method.name=pad", "method.variant=functional", "method.asymmetric=false"],
+    "pad asym attentional": ["method.name=pad", "method.variant=attentional", "method.asymmetric=true"],
+    "pad sym attentional": ["method.name=pad", "method.variant=attentional", "method.asymmetric=false"],
+}
+
+
+def _step(args: argparse.Namespace, extra: list[str]) -> Callable[[], None]:
+    """One optimiser step of the method on task 1 (after a 1-step task 0, so the frozen copy exists)."""
+    over = ["data.name=synthetic", f"data.options={{n_classes: 4, n_per_class: {args.batch}, n_test_per_class: 1, "
+            f"image_size: {args.image_size}}}", f"data.image_size={args.image_size}", "scenario.n_tasks=2",
+            f"model.backbone={args.backbone}", "model.pretrained=false", f"model.kwargs={{{args.kwargs}}}",
+            "train.steps=1", "train.progress=false", "train.tensorboard=false", "train.device=cpu",
+            *extra]  # fmt: skip
+    cfg = load_config(None, over)
+    torch.manual_seed(0)
+    scenario, method = build_run(cfg, torch.device("cpu"))
+    method.setup()
+    fit_task(method, scenario.tasks[0], RunContext(cfg.train, torch.device("cpu")))
+    task = scenario.tasks[1]
+    method.model.head.n_active = 2
+    method.before_task(task)
+    params = [p for p in method.model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=1e-4)
+    x = torch.rand(args.batch, 3, args.image_size, args.image_size)
+    y = torch.randint(task.offset, task.offset + task.n_classes, (args.batch,))
+    method.model.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        sum(method.loss((x, y), None).values()).backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backbone", default="vit_tiny_patch4_32")
+    p.add_argument("--kwargs", default="", help="timm kwargs, e.g. 'depth: 4'")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    steps = {name: _step(args, extra) for name, extra in VARIANTS.items()}
+    for _ in range(args.warmup):
+        for fn in steps.values():
+            fn()
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: no variant always runs first
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    print(f"{args.backbone} {args.kwargs}, batch {args.batch}, {args.threads} thread(s), {args.rounds} rounds, "
+          f"torch {torch.__version__}")  # fmt: skip
+    for name in names:
+        ratio = statistics.median(a / b for a, b in zip(times[name], times["lwf"], strict=True))
+        print(f"{name:24s} {1e3 * statistics.median(times[name]):8.1f} ms   PAD / LwF {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
