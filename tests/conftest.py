@@ -32,6 +32,13 @@ def tiny_overrides(tmp_path: Path, **extra: str) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Runs may set train.threads (the demo preset: 2); give every test back one thread (forked children too)."""
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def tiny(tmp_path):
     return lambda **extra: tiny_overrides(tmp_path, **extra)

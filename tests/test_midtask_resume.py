@@ -189,6 +189,7 @@ def _killed(over, name, arm, resume=False):
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
+            torch.set_num_threads(1)  # a fork inherits no OpenMP workers: more threads than one can hang the child
             arm()
             _run(over, name, resume)
         finally:
@@ -292,6 +293,7 @@ def test_sigkill_at_random_moments_then_resume_is_identical(tiny, tmp_path):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             try:
+                torch.set_num_threads(1)  # see _killed
                 _run(over, "cut", resume=True)
             finally:
                 os._exit(3)
