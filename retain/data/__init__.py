@@ -1,6 +1,7 @@
 """Datasets (real on-disk formats, looked up by name) and image transforms."""
 
 from retain.data import imagenet32 as _imagenet32  # noqa: F401  (registers imagenet32)
+from retain.data import samples as _samples  # noqa: F401  (registers cifar10_sample)
 from retain.data.datasets import (
     DATASETS,
     FASHION_MNIST_CLASSES,
