@@ -6,15 +6,14 @@ rounds (and the median times). Goals from issue #4: train step >= 0.95, inferenc
 
     nice -n 10 python benchmarks/ln_tuning_speed.py                      # vit_tiny_patch4_32, batch 64, 1 thread
     python benchmarks/ln_tuning_speed.py --backbone vit_micro_patch4_32 --rounds 30 --threads 2
+    python benchmarks/ln_tuning_speed.py --small                          # the suite's size (benchmarks/run.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,9 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from benchmarks.common import measure, parse_sized
 from retain.methods.ln_tuning import select_task
 from retain.models import create_backbone
 from retain.models.task_layernorm import PRETRAINED, inject_task_layernorm, use_task
+
+SMALL = {"backbone": "vit_micro_patch4_32", "batch": 16, "tasks": 5, "rounds": 9, "warmup": 2}
 
 
 def _plain_ln_only(model: nn.Module) -> list[nn.Parameter]:
@@ -122,29 +124,7 @@ def build_cases(backbone: str, batch: int, n_tasks: int) -> dict[str, dict[str, 
     }  # fmt: skip
 
 
-def measure(cases: dict[str, dict[str, Callable[[], None]]], rounds: int, warmup: int) -> list[tuple]:
-    """Median time of each variant and median per-round ratio reference/ours, variants interleaved per round."""
-    fns = [(c, name, fn) for c, pair in cases.items() for name, fn in pair.items()]
-    for _ in range(warmup):
-        for _, _, fn in fns:
-            fn()
-    times: dict[tuple[str, str], list[float]] = {(c, n): [] for c, n, _ in fns}
-    for r in range(rounds):
-        order = fns[r % len(fns) :] + fns[: r % len(fns)]  # rotate so no variant always runs first
-        for c, name, fn in order:
-            start = time.perf_counter()
-            fn()
-            times[(c, name)].append(time.perf_counter() - start)
-    rows = []
-    for c, pair in cases.items():
-        (ref, ours) = list(pair)
-        ratios = [a / b for a, b in zip(times[(c, ref)], times[(c, ours)], strict=True)]
-        rows.append((c, ref, statistics.median(times[(c, ref)]), ours, statistics.median(times[(c, ours)]),
-                     statistics.median(ratios)))  # fmt: skip
-    return rows
-
-
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="vit_tiny_patch4_32")
     parser.add_argument("--batch", type=int, default=64)
@@ -152,13 +132,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    return parse_sized(parser, argv, SMALL)
+
+
+def collect(argv: list[str] | None = None) -> dict:
+    """The comparisons as a results-file entry (``benchmarks/run.py``)."""
+    args = parse(argv)
     torch.set_num_threads(args.threads)
-    cases = build_cases(args.backbone, args.batch, args.tasks)
-    print(f"{args.backbone}, batch {args.batch}, {args.tasks} tasks, {args.threads} thread(s), {args.rounds} rounds, "
+    rows = measure(build_cases(args.backbone, args.batch, args.tasks), args.rounds, args.warmup)
+    settings = {k: getattr(args, k) for k in ("backbone", "batch", "tasks", "rounds", "warmup", "threads")}
+    return {"settings": settings, "ratio": "reference time / ours (>= 1: ours not slower)",
+            "rows": [r._asdict() for r in rows]}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    res = collect(argv)
+    s = res["settings"]
+    print(f"{s['backbone']}, batch {s['batch']}, {s['tasks']} tasks, {s['threads']} thread(s), {s['rounds']} rounds, "
           f"torch {torch.__version__}")  # fmt: skip
-    for case, ref, t_ref, ours, t_ours, ratio in measure(cases, args.rounds, args.warmup):
-        print(f"{case:58s} {ref} {1e3 * t_ref:8.1f} ms | {ours} {1e3 * t_ours:8.1f} ms | ratio {ratio:.3f}")
+    for r in res["rows"]:
+        print(f"{r['case']:58s} {r['ref']} {1e3 * r['ref_s']:8.1f} ms | {r['ours']} {1e3 * r['ours_s']:8.1f} ms | "
+              f"ratio {r['ratio']:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ PAD / LwF (goal of issue #8: <= 1.2).
 
     nice -n 10 python benchmarks/pad_overhead.py                     # vit_tiny_patch4_32, batch 64, 1 thread
     python benchmarks/pad_overhead.py --backbone early_conv_vit --batch 32 --kwargs "depth=4"
+    python benchmarks/pad_overhead.py --small                       # the suite's size (benchmarks/run.py)
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from benchmarks.common import median_ratio, parse_sized, time_interleaved  # noqa: E402
 from retain.config import load_config  # noqa: E402
 from retain.engine import RunContext, build_run, fit_task  # noqa: E402
 
+SMALL = {"backbone": "vit_micro_patch4_32", "batch": 16, "rounds": 9, "warmup": 2}
 VARIANTS = {
     "lwf": ["method.name=lwf"],
     "pad asym functional": ["method.name=pad", "method.variant=functional", "method.asymmetric=true"],
@@ -64,7 +66,7 @@ def _step(args: argparse.Namespace, extra: list[str]) -> Callable[[], None]:
     return step
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backbone", default="vit_tiny_patch4_32")
     p.add_argument("--kwargs", default="", help="timm kwargs, e.g. 'depth: 4'")
@@ -73,24 +75,30 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
+    return parse_sized(p, argv, SMALL)
+
+
+def collect(argv: list[str] | None = None) -> dict:
+    """Median step time of each variant and the median per-round ratio variant / LwF (results-file entry)."""
+    args = parse(argv)
     torch.set_num_threads(args.threads)
     steps = {name: _step(args, extra) for name, extra in VARIANTS.items()}
-    for _ in range(args.warmup):
-        for fn in steps.values():
-            fn()
-    names = list(steps)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: no variant always runs first
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-    print(f"{args.backbone} {args.kwargs}, batch {args.batch}, {args.threads} thread(s), {args.rounds} rounds, "
+    times = time_interleaved(steps, args.rounds, args.warmup)
+    lwf = times["lwf"]
+    rows = [{"variant": n, "step_s": statistics.median(times[n]), "ratio": median_ratio(times[n], lwf)} for n in steps]
+    settings = {k: getattr(args, k) for k in ("backbone", "kwargs", "image_size", "batch", "rounds", "warmup",
+                                              "threads")}  # fmt: skip
+    ratio = "variant step time / LwF step time (<= 1.2: goal of issue #8)"
+    return {"settings": settings, "ratio": ratio, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    res = collect(argv)
+    s = res["settings"]
+    print(f"{s['backbone']} {s['kwargs']}, batch {s['batch']}, {s['threads']} thread(s), {s['rounds']} rounds, "
           f"torch {torch.__version__}")  # fmt: skip
-    for name in names:
-        ratio = statistics.median(a / b for a, b in zip(times[name], times["lwf"], strict=True))
-        print(f"{name:24s} {1e3 * statistics.median(times[name]):8.1f} ms   PAD / LwF {ratio:.3f}")
+    for r in res["rows"]:
+        print(f"{r['variant']:24s} {1e3 * r['step_s']:8.1f} ms   PAD / LwF {r['ratio']:.3f}")
 
 
 if __name__ == "__main__":

@@ -10,15 +10,14 @@ merged-LoRA inference >= 0.98 against the plain model. The other rows are for in
 
     nice -n 10 python benchmarks/peft_vit_speed.py                       # vit_tiny_patch4_32, batch 64, 1 thread
     python benchmarks/peft_vit_speed.py --backbone vit_micro_patch4_32 --rounds 30 --threads 2
+    python benchmarks/peft_vit_speed.py --small                          # the suite's size (benchmarks/run.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from benchmarks.common import measure, parse_sized
 from retain.config import load_config, load_yaml
 from retain.engine.build import build_method, build_model
 from retain.inspect import dry_scenario
@@ -34,6 +34,7 @@ from retain.methods.base import Method, mark_trainable
 from retain.models import create_backbone
 
 N_CLASSES = 10
+SMALL = {"backbone": "vit_micro_patch4_32", "batch": 16, "rounds": 9, "warmup": 2}
 
 
 def build(backbone: str, method: list[str], kwargs: str = "{}") -> Method:
@@ -172,28 +173,7 @@ def _inference(lora: Method, plain: nn.Module, x: torch.Tensor, deploy: bool) ->
     return merged, reference
 
 
-def measure(cases: dict[str, dict[str, Callable[[], None]]], rounds: int, warmup: int) -> list[tuple]:
-    """Median time of each variant and median per-round ratio reference/ours, variants interleaved per round."""
-    fns = [(c, name, fn) for c, pair in cases.items() for name, fn in pair.items()]
-    for _ in range(warmup):
-        for _, _, fn in fns:
-            fn()
-    times: dict[tuple[str, str], list[float]] = {(c, n): [] for c, n, _ in fns}
-    for r in range(rounds):
-        for c, name, fn in fns[r % len(fns) :] + fns[: r % len(fns)]:  # rotate: no variant always runs first
-            start = time.perf_counter()
-            fn()
-            times[(c, name)].append(time.perf_counter() - start)
-    rows = []
-    for c, pair in cases.items():
-        ref, ours = list(pair)
-        ratios = [a / b for a, b in zip(times[(c, ref)], times[(c, ours)], strict=True)]
-        rows.append((c, ref, statistics.median(times[(c, ref)]), ours, statistics.median(times[(c, ours)]),
-                     statistics.median(ratios)))  # fmt: skip
-    return rows
-
-
-def main(argv: list[str] | None = None) -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="vit_tiny_patch4_32")
     parser.add_argument("--batch", type=int, default=64)
@@ -203,15 +183,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--kwargs", default="{}", help="timm kwargs, e.g. '{embed_dim: 384, num_heads: 6}'")
     parser.add_argument("--only", choices=["lora", "block"], default=None, help="only these rows")
-    args = parser.parse_args(argv)
+    return parse_sized(parser, argv, SMALL)
+
+
+def collect(argv: list[str] | None = None) -> dict:
+    """The comparisons and what each trains, as a results-file entry (``benchmarks/run.py``)."""
+    args = parse(argv)
     torch.set_num_threads(args.threads)
     cases, notes = build_cases(args.backbone, args.batch, args.rank, args.kwargs, args.only)
-    print(f"{args.backbone} {args.kwargs}, batch {args.batch}, {args.threads} thread(s), {args.rounds} rounds, torch "
+    rows = measure(cases, args.rounds, args.warmup)
+    settings = {k: getattr(args, k) for k in ("backbone", "kwargs", "batch", "rank", "rounds", "warmup", "threads",
+                                              "only")}  # fmt: skip
+    return {"settings": settings, "ratio": "reference time / ours (>= 1: ours not slower)", "notes": notes,
+            "rows": [r._asdict() for r in rows]}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    res = collect(argv)
+    s = res["settings"]
+    print(f"{s['backbone']} {s['kwargs']}, batch {s['batch']}, {s['threads']} thread(s), {s['rounds']} rounds, torch "
           f"{torch.__version__}")  # fmt: skip
-    print("\n".join(f"  {n}" for n in notes))
+    print("\n".join(f"  {n}" for n in res["notes"]))
     print("\n| comparison | reference | ours | ratio |\n|---|---|---|---:|")
-    for case, ref, t_ref, ours, t_ours, ratio in measure(cases, args.rounds, args.warmup):
-        print(f"| {case} | {ref} {1e3 * t_ref:.1f} ms | {ours} {1e3 * t_ours:.1f} ms | {ratio:.3f} |")
+    for r in res["rows"]:
+        print(f"| {r['case']} | {r['ref']} {1e3 * r['ref_s']:.1f} ms | {r['ours']} {1e3 * r['ours_s']:.1f} ms | "
+              f"{r['ratio']:.3f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

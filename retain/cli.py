@@ -4,7 +4,9 @@ retain run PRESET_OR_YAML [key=value ...] [--resume] [--print-config]
 retain list
 retain inspect PRESET_OR_YAML [key=value ...] [--json]
 retain pretrain PRESET_OR_YAML [key=value ...] [--export-dir DIR] [--fp32]
-retain report RUN_DIR [RUN_DIR ...] [--out DIR]
+retain report RUN_OR_SWEEP_DIR [...] [--out DIR]
+retain compare RUN_OR_SWEEP_DIR [...]
+retain sweep PRESET_OR_YAML key=a,b,c [key=value ...] [--dry-run]
 retain export RUN_DIR -o FILE [--weights FILE]
 retain predict ARTEFACT IMAGE_OR_FOLDER [...] [--json] [--task T] [--weights FILE] [--device DEV]
 retain demo [--methods ...] [--epochs N] [--dataset NAME] ...
@@ -47,9 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", default=None, help="where to write <tag>.safetensors and <tag>.json")
     p.add_argument("--fp32", action="store_true", help="export float32 instead of float16")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p = sub.add_parser("report", help="tables and plots from run directories")
-    p.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
-    p.add_argument("--out", default=None, help="output folder (default: the first run's parent / report)")
+    p = sub.add_parser("report", help="HTML page + Markdown twin: tables and plots of runs and sweeps")
+    p.add_argument("runs", nargs="+", help="run directories (runs/<name>), sweep folders or folders of runs")
+    p.add_argument("--out", default=None, help="output folder (default: SWEEP/report, or RUN/../report)")
+    p = sub.add_parser("compare", help="the report's table of runs and sweeps in the terminal")
+    p.add_argument("runs", nargs="+", help="run directories (runs/<name>), sweep folders or folders of runs")
+    p = sub.add_parser("sweep", help="run the cross product of key=a,b,c overrides into runs/<sweep name>/")
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="validate every run's config and list the runs; run nothing")
     p = sub.add_parser("export", help="write a finished run's model as one artefact (safetensors)")
     p.add_argument("run_dir", help="the run directory (runs/<name>)")
     p.add_argument("-o", "--out", required=True, help="artefact file to write (.safetensors)")
@@ -77,7 +84,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
     record = run(cfg, resume=args.resume)
-    _print_summary(record)
+    if _process() == "":  # one process, or rank 0 of several (torchrun)
+        _print_summary(record)
     return 0
 
 
@@ -139,12 +147,49 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from retain.report import write_report
+    from retain.report import HTML_FILE, compare, write_report
+    from retain.sweep import SWEEP_FILE
 
-    out = Path(args.out) if args.out else Path(args.runs[0]).resolve().parent / "report"
-    path = write_report(args.runs, out)
-    print(path.read_text())
-    print(f"written: {path}")
+    first = Path(args.runs[0]).resolve()
+    default = first / "report" if (first / SWEEP_FILE).is_file() else first.parent / "report"
+    path = write_report(args.runs, Path(args.out) if args.out else default)
+    print(compare(args.runs), end="")
+    print(f"written: {path.parent / HTML_FILE} (self-contained) and {path} (with its PNGs)")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from retain.report import compare
+
+    print(compare(args.runs), end="")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from retain.engine import RunError
+    from retain.report import compare
+    from retain.sweep import describe, plan_sweep, run_sweep
+
+    sweep = plan_sweep(args.preset, args.overrides)  # every run's config is validated before anything runs
+    if args.dry_run:
+        print(describe(sweep))
+        return 0
+    try:
+        failed = run_sweep(sweep)
+    except KeyboardInterrupt as e:
+        again = shlex.join(["retain", "sweep", args.preset, *args.overrides])
+        done = str(e) or "stopped at once"
+        print(f"retain: interrupted: {done}; finished runs are kept in {sweep.path}; continue with: {again}",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    try:
+        print(compare([sweep.path]), end="")
+    except FileNotFoundError:  # no run has finished a task
+        pass
+    print(f"sweep: {sweep.path / 'sweep.json'}; report: retain report {shlex.quote(str(sweep.path))}")
+    if failed:
+        raise RunError(f"{len(failed)} run(s) of the sweep failed, {failed[0].name} first: {failed[0].error} "
+                       f"(see {sweep.path / 'sweep.json'})")  # fmt: skip
     return 0
 
 
@@ -179,7 +224,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "list": _cmd_list, "inspect": _cmd_inspect, "pretrain": _cmd_pretrain,
-            "report": _cmd_report, "export": _cmd_export, "predict": _cmd_predict, "demo": _cmd_demo}  # fmt: skip
+            "report": _cmd_report, "compare": _cmd_compare, "sweep": _cmd_sweep, "export": _cmd_export,
+            "predict": _cmd_predict, "demo": _cmd_demo}  # fmt: skip
+
+
+def _process() -> str:
+    """``"[rank R] "`` in a process other than rank 0 of a multi-process run (``torchrun``), else ``""``."""
+    rank = os.environ.get("RANK", "0")
+    return f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != "0" else ""
 
 
 def _one_line(e: BaseException) -> str:
@@ -220,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         with _one_line_warnings():
             return COMMANDS[args.command](args)
     except (ConfigError, RunError, OSError, KeyError, ValueError) as e:
-        print(f"retain: error: {_one_line(e)}", file=sys.stderr)
+        print(f"retain: error: {_process()}{_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         if args.command != "run":

@@ -12,7 +12,7 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -22,12 +22,18 @@ __all__ = [
     "COLUMNS",
     "METRICS_FILE",
     "MISSING",
+    "NUMERIC_KEYS",
+    "OPTIONAL_COLUMNS",
+    "Stat",
+    "TEXT_KEYS",
     "accuracy_matrix",
     "format_matrix",
     "load_run",
     "summary_rows",
     "to_csv",
+    "table_keys",
     "to_markdown",
+    "to_text",
 ]
 
 METRICS_FILE = "metrics.json"
@@ -43,11 +49,13 @@ COLUMNS: dict[str, str] = {
     "average_accuracy": "avg acc",
     "average_incremental_accuracy": "avg inc acc",
     "forgetting": "forgetting",
+    "forgetting_max_before": "forgetting (FACIL)",
     "backward_transfer": "BWT",
     "task_id_accuracy": "task-id acc",
     "trainable_params": "trainable params",
     "bytes_per_task": "bytes/task",
-    "total_time_s": "time (s)",
+    "total_time_s": "train time (s)",
+    "test_time_s": "test time (s)",
 }
 # Columns that appear only when some run has them (task-IL runs: the task-agnostic view).
 OPTIONAL_COLUMNS: dict[str, str] = {"tag_average_accuracy": "TAg acc", "tag_forgetting": "TAg forgetting"}
@@ -61,9 +69,13 @@ _PERCENT_KEYS = (
     "average_accuracy",
     "average_incremental_accuracy",
     "forgetting",
+    "forgetting_max_before",
     "backward_transfer",
     "task_id_accuracy",
 )
+# The numbers of a row (averaged over a group of seeds); every other column is a label.
+NUMERIC_KEYS = (*_PERCENT_KEYS, "trainable_params", "bytes_per_task", "total_time_s", "test_time_s")
+TEXT_KEYS = ("run", "method", "dataset", "protocol", "group", "seeds")  # left-aligned columns
 
 PathLike = str | Path
 
@@ -136,8 +148,11 @@ def summary_rows(run_dirs: PathLike | Iterable[PathLike]) -> list[dict[str, Any]
     Returns:
         List of dicts keyed like :data:`COLUMNS`: ``run, method, dataset, protocol, tasks`` ("finished/total"),
         ``average_accuracy`` (final), ``average_incremental_accuracy``, ``forgetting`` (max_upto),
-        ``backward_transfer``, ``task_id_accuracy`` (at the last finished step), ``trainable_params`` (max over
-        tasks), ``bytes_per_task`` (mean) and ``total_time_s``. Missing values are ``"-"``.
+        ``forgetting_max_before`` (FACIL), ``backward_transfer``, ``task_id_accuracy`` (at the last finished step),
+        ``trainable_params`` (max over tasks), ``bytes_per_task`` (mean), ``total_time_s`` (training, summed over
+        tasks) and ``test_time_s`` (evaluation, summed); plus, where the run has them, the task-agnostic view of a
+        task-IL run (``tag_*``) and the retention k-NN accuracy (``retention_before``, ``retention_after``).
+        Missing values are ``"-"``.
     """
     rows = []
     for run_dir in _as_run_dirs(run_dirs):
@@ -162,6 +177,7 @@ def summary_rows(run_dirs: PathLike | Iterable[PathLike]) -> list[dict[str, Any]
         total_time = run.get("total_time_s")
         if total_time is None and _finite(run.get("task_time_s")):
             total_time = sum(_finite(run.get("task_time_s")))
+        test_time = _finite(run.get("eval_time_s"))
 
         row = _view_columns(run, "tag", k) | _retention_columns(run, k)
         rows.append(
@@ -175,11 +191,13 @@ def summary_rows(run_dirs: PathLike | Iterable[PathLike]) -> list[dict[str, Any]
                 "average_accuracy": summary.get("average_accuracy", MISSING),
                 "average_incremental_accuracy": summary.get("average_incremental_accuracy", MISSING),
                 "forgetting": summary.get("forgetting", MISSING),
+                "forgetting_max_before": summary.get("forgetting_max_before", MISSING),
                 "backward_transfer": summary.get("backward_transfer", MISSING),
                 "task_id_accuracy": tid_last,
                 "trainable_params": int(max(params)) if params else MISSING,
                 "bytes_per_task": float(np.mean(nbytes)) if nbytes else MISSING,
                 "total_time_s": float(total_time) if total_time is not None else MISSING,
+                "test_time_s": sum(test_time) if test_time else MISSING,
             }
         )
     return rows
@@ -215,49 +233,104 @@ def _format_bytes(n: float) -> str:
     return f"{n:.1f} GiB"  # unreachable
 
 
-def _format_cell(key: str, value: Any) -> str:
+class Stat(NamedTuple):
+    """One metric over the runs of a group: mean, sample standard deviation (ddof=1; NaN for n=1) and n."""
+
+    mean: float
+    std: float
+    n: int
+
+
+def _format_value(key: str, value: Any) -> str:
     if value is None or value == MISSING:
         return MISSING
+    if isinstance(value, Stat):
+        mean = _format_value(key, value.mean)
+        return mean if value.n < 2 or not math.isfinite(value.std) else f"{mean} ± {_format_value(key, value.std)}"
     if isinstance(value, float) and not math.isfinite(value):
         return MISSING
     if key in _PERCENT_KEYS:
         return f"{float(value):.1f}"
     if key == "trainable_params":
-        return f"{int(value):,}"
+        return f"{round(float(value)):,}"
     if key == "bytes_per_task":
         return _format_bytes(float(value))
-    if key == "total_time_s":
+    if key in ("total_time_s", "test_time_s"):
         return f"{float(value):.1f}"
-    return str(value).replace("|", "\\|")
+    return str(value)
 
 
-def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
+def _format_cell(key: str, value: Any) -> str:
+    return _format_value(key, value).replace("|", "\\|")
+
+
+def table_keys(rows: Sequence[dict[str, Any]], columns: dict[str, str] | None = None) -> list[str]:
+    """The columns of a table of ``rows``: every key of ``columns`` (default :data:`COLUMNS`), then the optional
+    ones some row has, in first-seen order."""
+    columns = COLUMNS if columns is None else columns
+    return list(columns) + list(dict.fromkeys(k for r in rows for k in r if k not in columns))
+
+
+def _header(key: str, columns: dict[str, str]) -> str:
+    return columns.get(key, OPTIONAL_COLUMNS.get(key, key))
+
+
+def to_markdown(rows: Sequence[dict[str, Any]], columns: dict[str, str] | None = None) -> str:
     """Renders summary rows as a GitHub Markdown table.
 
-    Percentages get one decimal, parameter counts thousands separators, bytes binary units (KiB, MiB).
+    Percentages get one decimal, parameter counts thousands separators, bytes binary units (KiB, MiB); a
+    :class:`Stat` prints as ``mean ± std``. ``columns``: key -> header (default :data:`COLUMNS`).
     """
-    keys = list(COLUMNS)
-    extra = [k for r in rows for k in r if k not in COLUMNS]
-    keys += list(dict.fromkeys(extra))
-    header = "| " + " | ".join(COLUMNS.get(k, OPTIONAL_COLUMNS.get(k, k)) for k in keys) + " |"
-    align = "|" + "|".join(":---" if k in ("run", "method", "dataset", "protocol") else "---:" for k in keys) + "|"
+    columns = COLUMNS if columns is None else columns
+    keys = table_keys(rows, columns)
+    header = "| " + " | ".join(_header(k, columns) for k in keys) + " |"
+    align = "|" + "|".join(":---" if k in TEXT_KEYS else "---:" for k in keys) + "|"
     lines = [header, align]
     for r in rows:
         lines.append("| " + " | ".join(_format_cell(k, r.get(k, MISSING)) for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
-def to_csv(rows: Sequence[dict[str, Any]], path: PathLike) -> Path:
-    """Writes summary rows (full precision, row keys as header) to a CSV file and returns its path."""
+def to_text(rows: Sequence[dict[str, Any]], columns: dict[str, str] | None = None) -> str:
+    """The table of :func:`to_markdown` as aligned plain text for the terminal (text left, numbers right)."""
+    columns = COLUMNS if columns is None else columns
+    keys = table_keys(rows, columns)
+    table = [[_header(k, columns) for k in keys]] + [[_format_value(k, r.get(k, MISSING)) for k in keys] for r in rows]
+    widths = [max(len(line[j]) for line in table) for j in range(len(keys))]
+
+    def render(cells: list[str]) -> str:
+        padded = [c.ljust(w) if k in TEXT_KEYS else c.rjust(w) for k, c, w in zip(keys, cells, widths, strict=True)]
+        return "  ".join(padded).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([render(table[0]), rule] + [render(line) for line in table[1:]]) + "\n"
+
+
+def to_csv(rows: Sequence[dict[str, Any]], path: PathLike, columns: dict[str, str] | None = None) -> Path:
+    """Writes summary rows (full precision, row keys as header) to a CSV file and returns its path.
+
+    A :class:`Stat` cell becomes two columns: ``<key>`` (the mean) and ``<key>_std``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(COLUMNS) + list(dict.fromkeys(k for r in rows for k in r if k not in COLUMNS))
+    flat = [_flat_stats(r) for r in rows]
+    keys = table_keys(flat, columns)
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=keys, restval=MISSING)
         writer.writeheader()
-        for r in rows:
+        for r in flat:
             writer.writerow(r)
     return path
+
+
+def _flat_stats(row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if isinstance(v, Stat):
+            out |= {k: v.mean, f"{k}_std": v.std}
+        else:
+            out[k] = v
+    return out
 
 
 def format_matrix(A: Any, decimals: int = 1) -> str:
