@@ -191,6 +191,12 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast, used only on a GPU
+    compile: bool = False  # torch.compile the backbone's forward_features (meant for a GPU)
+    # multi-process runs (torchrun, docs/distributed.md): global = batch_size is one step's batch over all
+    # processes (each takes batch_size / N) | per_process = each takes batch_size; lr_scaling: none | linear (x N,
+    # per_process only). The processes, batches and lr used are written to metrics.json ("distributed").
+    batch_scope: str = "global"
+    lr_scaling: str = "none"
     threads: int | None = None  # torch.set_num_threads on CPU
     progress: bool = True
     tensorboard: bool = True

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from retain import distributed
+
 __all__ = ["extract_features", "weighted_knn_accuracy"]
 
 
@@ -18,12 +20,20 @@ def extract_features(
     """(features (N, D) float32 on the CPU, labels (N,)) of every batch of ``loader`` through ``forward``.
 
     The caller puts the model in eval mode (``Method.extract_features`` does, and restores the previous mode).
+    Under several processes ``loader`` is this process's shard (``RunContext.pass_loader``): the shards are
+    gathered in rank order, so every process holds the whole set in the one-process order.
     """
     feats, labels = [], []
     for x, y in loader:
         feats.append(forward(x.to(device)).float().cpu())  # (B, D)
         labels.append(y)
-    return TensorDataset(torch.cat(feats), torch.cat(labels))
+    feats, labels = _cat(feats), _cat(labels)  # (N_r, D), (N_r,)
+    return TensorDataset(distributed.gather_rows(feats), distributed.gather_rows(labels))
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """``torch.cat``, or None for an empty shard (more processes than batches; ``gather_rows`` accepts it)."""
+    return torch.cat(parts) if parts else None
 
 
 @torch.no_grad()

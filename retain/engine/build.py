@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from retain import distributed
 from retain.config import ConfigError, RunConfig
 from retain.data import build_transform, check_images, create_dataset
 from retain.data.scenarios import Scenario, create_scenario
@@ -31,10 +32,13 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a device; under several processes on GPUs, this process's GPU (``LOCAL_RANK``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no GPU is visible; use train.device=auto or cpu")
+    if name == "cuda" and distributed.active():
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 

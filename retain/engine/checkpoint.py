@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from retain import distributed
 from retain.config import RunConfig, checkpoint_interval
 from retain.engine.context import NonFiniteLoss, RunContext, RunError, RunInterrupted
 from retain.engine.stages import StageLoop
@@ -164,6 +165,8 @@ def read_midtask(run_path: Path, log: Callable[[str], None] = print) -> MidTask 
 
 def clear_midtask(run_path: Path) -> None:
     """Drop the mid-task checkpoint once its task is saved as finished (manifest first: never a dangling one)."""
+    if not distributed.is_main():  # rank 0 owns the files
+        return
     (run_path / MANIFEST).unlink(missing_ok=True)
     _remove_stale(run_path / "checkpoints")
 
@@ -220,11 +223,12 @@ class Checkpointer:
         where = _where(loop, self.ctx.step)
         if bad:
             raise NonFiniteLoss(f"{bad[0]} is no longer finite at {where}; nothing was saved after that")
-        tensors = {f"method/{k}": v.detach().cpu().contiguous().clone() for k, v in state.items()}
-        manifest = {"format": FORMAT, "task": loop.task.index, "stage": loop.pos.stage, "step": self.ctx.step,
-                    "task_seconds": time.perf_counter() - self.task_start, "where": where,
-                    "loop": pack(loop.state_dict(), "loop", tensors)}  # fmt: skip
-        write_midtask(self.run_path, manifest, tensors)
+        if distributed.is_main():  # every process holds the same state; rank 0 writes it
+            tensors = {f"method/{k}": v.detach().cpu().contiguous().clone() for k, v in state.items()}
+            manifest = {"format": FORMAT, "task": loop.task.index, "stage": loop.pos.stage, "step": self.ctx.step,
+                        "task_seconds": time.perf_counter() - self.task_start, "where": where,
+                        "loop": pack(loop.state_dict(), "loop", tensors)}  # fmt: skip
+            write_midtask(self.run_path, manifest, tensors)
         self.saved, self.last_save = where, time.monotonic()
 
 

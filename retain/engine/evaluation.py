@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
+from retain import distributed
 from retain.data.scenarios import Scenario, Task
 from retain.engine.context import RunContext
 from retain.features import weighted_knn_accuracy
@@ -53,6 +54,16 @@ class _Counts:
     def add(self, view: str, pred: torch.Tensor, y: torch.Tensor) -> None:
         self.correct[view] = self.correct.get(view, 0) + (pred == y).sum().item()
         self.total[view] = self.total.get(view, 0) + len(y)
+
+    def reduce(self, views: tuple[str, ...]) -> _Counts:
+        """Sum ``views``' counts over the processes (each evaluated its shard); a view no shard saw stays absent."""
+        if not distributed.active():
+            return self
+        both = torch.tensor([[self.correct.get(v, 0), self.total.get(v, 0)] for v in views], dtype=torch.int64)
+        for v, (c, t) in zip(views, distributed.all_reduce_sum(both).tolist(), strict=True):  # (V, 2)
+            if t:
+                self.correct[v], self.total[v] = c, t
+        return self
 
     def percent(self, view: str) -> float:
         return 100.0 * self.correct.get(view, 0) / max(self.total.get(view, 0), 1)
@@ -121,8 +132,10 @@ def _evaluate(method: Method, scenario: Scenario, upto: int, ctx: RunContext) ->
     tid = _Counts()
     for task in scenario.tasks[: upto + 1]:
         counts = _evaluate_task(method, task, n_seen, scenario.protocol, ctx, task_of, tid)
+        counts.reduce(VIEWS[scenario.protocol])  # every process evaluated its shard
         for view, accs in result.accuracy.items():
             accs.append(counts.percent(view))
+    tid.reduce(("task_id",))
     result.task_id = tid.percent("task_id") if tid.total else None
     return result
 

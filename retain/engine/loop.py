@@ -4,17 +4,20 @@ task; inside a task, mid-task checkpoints (``checkpoint``) let it continue from 
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 import torch
 
+from retain import distributed
 from retain.config import RunConfig
 from retain.data.scenarios import Scenario, Task
 from retain.engine.build import build_run, resolve_device, retention_datasets, seed_everything
 from retain.engine.checkpoint import Checkpointer, MidTask, clear_midtask, read_midtask, stop_on_interrupt
 from retain.engine.context import NonFiniteLoss, RunContext, RunError, RunInterrupted
 from retain.engine.evaluation import Evaluation, evaluate, primary_view, retention_accuracy
-from retain.engine.rundir import RunDir, RunState, metrics_record, state_sha256
+from retain.engine.rundir import STATE_FILE, RunDir, RunState, metrics_record, state_sha256
 from retain.engine.stages import StageLoop
 from retain.methods.base import Method
 from retain.models.adapters import mark_trainable
@@ -53,7 +56,7 @@ def fit_task(method: Method, task: Task, ctx: RunContext, saver: Checkpointer | 
 
 
 def _open_writer(cfg: RunConfig, out: RunDir):
-    if not cfg.train.tensorboard:
+    if not cfg.train.tensorboard or not out.main:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
@@ -64,11 +67,29 @@ def run(cfg: RunConfig, resume: bool = False, log=print) -> dict:
     """Train ``cfg.method`` over the scenario, evaluating after each task; returns the metrics record.
 
     Writes ``runs/<name>/{config.yaml, scenario.json, init_sha256.json, metrics.json, run_state.json, checkpoints/,
-    tb/}``. With
-    ``resume``, continues from the newest complete checkpoint (mid-task, else after the last finished task).
+    tb/}``. With ``resume``, continues from the newest complete checkpoint (mid-task, else after the last finished
+    task). Launched by ``torchrun`` (``retain.distributed``), every process runs this; rank 0 alone writes and logs.
     """
+    with distributed.session(cfg.train.device):
+        try:
+            return _run(cfg, resume, log if distributed.is_main() else _silent)
+        except RuntimeError as e:
+            if isinstance(e, RunError) or not (distributed.active() and distributed.peer_failure(e)):
+                raise
+            where = Path(cfg.out_dir) / cfg.name
+            cause = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0])[:80]  # without gloo's source location
+            raise RunError(f"another process of this run stopped ({cause}); {where} keeps the newest checkpoint: run "
+                           "the same command with --resume") from None  # fmt: skip
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of a process other than rank 0."""
+
+
+def _run(cfg: RunConfig, resume: bool, log) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    plan = distributed.batch_plan(cfg.train)  # a global batch the processes cannot split: refused before any write
     out = RunDir.open(cfg, resume)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
@@ -77,10 +98,13 @@ def run(cfg: RunConfig, resume: bool = False, log=print) -> dict:
     out.save_config(cfg)
     out.save_scenario(scenario)
     state = out.load_state(scenario.protocol)
+    _check_processes(cfg, state, plan, log, resumed=resume and (out.path / STATE_FILE).exists())
     method.setup()
     if state.finished_tasks:
         _resume(method, scenario, state, out, log)
-    mid = _midtask(out, state, log) if resume else None
+    found = read_midtask(out.path, log) if resume else None
+    distributed.barrier()  # every process has read the run directory before rank 0 writes to it again
+    mid = _midtask(out, state, found, log)
     ctx = RunContext(cfg.train, device, _open_writer(cfg, out), step=mid.step if mid else state.step, seed=cfg.seed)
     r = cfg.data.retention
     retention = retention_datasets(cfg, scenario.tasks[0].test.base)
@@ -152,12 +176,28 @@ def _resume(method: Method, scenario: Scenario, state: RunState, out: RunDir, lo
     log(f"[resume] {done} finished task(s) loaded from {out.path / state.checkpoint}")
 
 
-def _midtask(out: RunDir, state: RunState, log) -> MidTask | None:
-    """The mid-task checkpoint of the task after the finished ones, if there is one (an older one is dropped)."""
-    mid = read_midtask(out.path, log)
+def _midtask(out: RunDir, state: RunState, mid: MidTask | None, log) -> MidTask | None:
+    """``mid`` (the mid-task checkpoint read) if it belongs to the task after the finished ones; an older one is
+    dropped."""
     if mid is not None and mid.task != state.finished_tasks:  # its task finished after it was written
         clear_midtask(out.path)
         return None
     if mid is not None:
         log(f"[resume] continuing from the checkpoint at {mid.where}")
     return mid
+
+
+def _check_processes(cfg: RunConfig, state: RunState, plan: dict, log, resumed: bool) -> None:
+    """Record the number of processes; a run resumed on another number continues only where the maths is the same
+    (``train.batch_scope=global``: the global batch and lr do not depend on it)."""
+    n, before = plan["processes"], state.processes
+    if resumed and n != before:
+        if cfg.train.batch_scope == "per_process":
+            raise RunError(f"--resume on {n} process(es): this run ran on {before} with train.batch_scope="
+                           f"per_process, so its global batch would change; resume on {before}")  # fmt: skip
+        log(f"[resume] on {n} process(es) (before: {before}); the global batch stays {plan['global_batch']}")
+    state.processes = n
+    if n > 1:
+        log(f"[distributed] {n} processes: global batch {plan['global_batch']} ({plan['per_process_batch']} per "
+            f"process), lr x{plan['lr_factor']} (train.batch_scope={plan['batch_scope']}, "
+            f"train.lr_scaling={plan['lr_scaling']})")  # fmt: skip

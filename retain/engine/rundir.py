@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from retain import metrics
+from retain import distributed, metrics
 from retain.config import RunConfig, config_to_dict, load_yaml, save_config
 from retain.data.scenarios import Scenario
 from retain.engine.context import RunError
@@ -70,6 +70,7 @@ class RunState:
     bytes_per_task: list[int] = field(default_factory=list)
     checkpoint: str | None = None
     step: int = 0  # optimiser steps so far (TensorBoard continues from here on resume)
+    processes: int = 1  # processes the run last ran on (``retain.distributed``)
 
     @property
     def rows(self) -> list[list[float]]:
@@ -97,10 +98,12 @@ class RunState:
 
 
 class RunDir:
-    """Reads and writes one run's directory; every file is replaced atomically (write to a temp file, rename)."""
+    """Reads and writes one run's directory; every file is replaced atomically (write to a temp file, rename).
+    Under several processes only rank 0 writes; the others read."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.main = distributed.is_main()
 
     @classmethod
     def open(cls, cfg: RunConfig, resume: bool) -> RunDir:
@@ -121,6 +124,8 @@ class RunDir:
         return out
 
     def save_config(self, cfg: RunConfig) -> None:
+        if not self.main:
+            return
         tmp = self.path / "config.yaml.tmp"
         with _writing(tmp, self.path / "config.yaml"):
             save_config(cfg, tmp)
@@ -158,6 +163,8 @@ class RunDir:
     def save_checkpoint(self, tensors: dict[str, torch.Tensor], task: int, method: str) -> str:
         """``checkpoints/task_NNN.safetensors`` of ``tensors``; returns its path relative to the run directory."""
         rel = f"checkpoints/task_{task:03d}.safetensors"
+        if not self.main:
+            return rel
         (self.path / "checkpoints").mkdir(exist_ok=True)
         state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         tmp = self.path / f"{rel}.tmp"
@@ -173,6 +180,8 @@ class RunDir:
         return load_file(str(path), device=str(device))
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
+        if not self.main:
+            return
         path = self.path / name
         tmp = path.with_suffix(".tmp")
         with _writing(tmp, path):
@@ -240,6 +249,7 @@ def metrics_record(cfg: RunConfig, class_order: list[int], n_tasks: int, state: 
         "task_time_s": state.task_time_s, "eval_time_s": state.eval_time_s,
         "trainable_params": state.trainable_params, "bytes_per_task": state.bytes_per_task,
         "total_time_s": sum(state.task_time_s), "retention_knn": state.retention or None,
+        "distributed": distributed.batch_plan(cfg.train, state.processes),
     }  # fmt: skip
     if rows:
         tid = [v for v in state.task_ids if v is not None] or None

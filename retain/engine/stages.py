@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from retain import distributed
 from retain.config import ConfigError, TrainConfig
 from retain.data.scenarios import Task
 from retain.engine.context import NonFiniteLoss, RunContext, RunError
@@ -22,13 +24,14 @@ from retain.engine.schedules import Schedule, build_schedule
 from retain.methods.base import Method, Stage
 from retain.models.adapters import mark_trainable
 
-__all__ = ["StageLoop", "Position", "build_optimizer", "fit_stage", "rng_state", "set_rng_state"]
+__all__ = ["StageLoop", "Position", "build_optimizer", "fit_stage", "rng_state", "set_rng_state", "global_batch"]
 
 
 def build_optimizer(params: list[nn.Parameter], train: TrainConfig, stage: Stage) -> torch.optim.Optimizer:
-    """A fresh optimiser for one stage: ``train``'s choice, with the stage's overrides."""
+    """A fresh optimiser for one stage: ``train``'s choice, with the stage's overrides; the lr times the batch
+    rule's factor (``distributed.batch_plan``: 1 unless ``train.lr_scaling=linear``)."""
     name = stage.optimizer or train.optimizer
-    lr = stage.lr if stage.lr is not None else train.lr
+    lr = (stage.lr if stage.lr is not None else train.lr) * distributed.batch_plan(train)["lr_factor"]
     wd = stage.weight_decay if stage.weight_decay is not None else train.weight_decay
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=train.momentum, weight_decay=wd)
@@ -37,6 +40,54 @@ def build_optimizer(params: list[nn.Parameter], train: TrainConfig, stage: Stage
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=train.betas, weight_decay=wd)
     raise ConfigError(f"train.optimizer={name!r}; valid: sgd, adam, adamw")
+
+
+def global_batch(train: TrainConfig, stage: Stage) -> int:
+    """Samples per optimiser step over all processes (``train.batch_scope``); ConfigError when a global batch does
+    not split evenly over the processes."""
+    size, n = stage.batch_size or train.batch_size, distributed.world_size()
+    if train.batch_scope == "per_process":
+        return size * n
+    if size % n:
+        raise ConfigError(f"stage {stage.name!r}: batch {size} (global) does not split over {n} processes; use a "
+                          f"multiple of {n}, or train.batch_scope=per_process")  # fmt: skip
+    return size
+
+
+class _Step(nn.Module):
+    """The method's loss as a module's forward, so that ``DistributedDataParallel`` wraps it and averages the
+    gradient of every trainable parameter of ``method.model`` the loss reaches, however the method calls the model
+    (``features``, ``head``, several passes), and ``torch.compile`` compiles it. Frozen teachers held by the method
+    are not part of it. In one process without ``train.compile`` the loop calls ``method.loss`` directly."""
+
+    def __init__(self, method: Method, stage: Stage) -> None:
+        super().__init__()
+        self.model = method.model
+        self.method, self.stage = method, stage  # plain attributes: a Method is not a Module
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.method.loss((x, y), self.stage)
+
+
+def _wrap(step: _Step, stage: Stage, device: torch.device) -> DistributedDataParallel | None:
+    """A fresh DDP over this stage's trainable set (None in one process). ``find_unused_parameters`` only when the
+    stage says so (``stage.extra``): a trainable parameter some step leaves without a gradient."""
+    if not distributed.active():
+        return None
+    ids = [device.index] if device.type == "cuda" else None
+    unused = bool(stage.extra.get("find_unused_parameters", False))
+    return DistributedDataParallel(step, device_ids=ids, find_unused_parameters=unused)
+
+
+def _forward(method: Method, stage: Stage, train: TrainConfig, device: torch.device) -> tuple[Any, Any]:
+    """(DDP or None, the callable ``(x, y) -> loss terms`` of this stage or None for plain ``method.loss``):
+    ``train.compile`` compiles the stage's loss module (DDP's too), fresh per stage and never copied by a method."""
+    step = _Step(method, stage)
+    ddp = _wrap(step, stage, device)
+    module = ddp if ddp is not None else step
+    if train.compile:
+        return ddp, torch.compile(module)
+    return ddp, ddp
 
 
 def rng_state() -> dict[str, Any]:
@@ -84,7 +135,8 @@ class StageLoop:
         data = method.train_dataset(task) if data is None else data
         # each stage of each task shuffles differently, reproducibly
         self.generator = torch.Generator().manual_seed(ctx.seed + 1000 * task.index + index)
-        self.loader = ctx.train_loader(data, stage.batch_size or ctx.train.batch_size, self.generator)
+        self.n_samples, self.batch_size = len(data), global_batch(ctx.train, stage)
+        self.loader = ctx.train_loader(data, self.batch_size, self.generator)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise RunError(f"task {task.index} stage {stage.name!r} has no training batches; lower train.batch_size "
@@ -95,6 +147,7 @@ class StageLoop:
         self.stopped = False  # the schedule ended the stage early (plateau: lr below train.stop_lr)
         self._epoch_generator: torch.Tensor | None = None  # generator state at the current epoch's start
         self._resume: dict[str, Any] | None = None
+        self.ddp, self._forward = _forward(method, stage, ctx.train, ctx.device)
 
     @property
     def done(self) -> bool:
@@ -121,6 +174,9 @@ class StageLoop:
             if after_epoch is not None:
                 after_epoch(self)
         self.schedule.finish(self.method.model)
+        if self.ddp is not None:  # buffers (BN statistics) moved on each process after DDP's last broadcast
+            distributed.broadcast_buffers(self.method.model)
+        self.ddp = self._forward = None  # its gradient hooks go with it; the next stage wraps its own trainable set
 
     def _batches(self, desc: str) -> tuple[tqdm, Iterator]:
         """This epoch's batches behind a progress bar; when resuming mid-epoch, the same order with the finished
@@ -131,7 +187,8 @@ class StageLoop:
         self._epoch_generator = self.generator.get_state()
         # tqdm.auto builds (and drops) one iterator of the loader in its constructor, which draws once from the
         # generator; the batch order of every run so far depends on that draw, so the loader goes in unwrapped
-        bar = tqdm(self.loader, desc=desc, leave=False, disable=not self.ctx.train.progress, dynamic_ncols=True)
+        quiet = not (self.ctx.train.progress and distributed.is_main())
+        bar = tqdm(self.loader, desc=desc, leave=False, disable=quiet, dynamic_ncols=True)
         batches = iter(bar)
         for _ in range(self.pos.batch):
             next(batches)
@@ -150,8 +207,10 @@ class StageLoop:
         for x, y in batches:
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             with ctx.autocast:
-                terms = self.method.loss((x, y), stage)
-            loss = sum(terms.values())
+                terms = self.method.loss((x, y), stage) if self._forward is None else self._forward(x, y)
+            loss, share = sum(terms.values()), self._share(len(y))
+            if share != 1.0:
+                loss = loss * share
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(
                     f"loss became {loss.item()} at step {ctx.step + 1} (task {self.task.index}, "
@@ -175,6 +234,15 @@ class StageLoop:
         bar.close()
         return {k: v / max(n, 1) for k, v in totals.items()}
 
+    def _share(self, n: int) -> float:
+        """N x this process's share of the current global batch: 1 in one process and for equal slices; it makes
+        DDP's mean over processes the gradient of the mean over the global batch when a last batch splits unevenly
+        (a term that does not depend on the batch, such as EWC's penalty, keeps its weight: the shares sum to N)."""
+        if self.ddp is None:
+            return 1.0
+        size = min(self.batch_size, self.n_samples - self.pos.batch * self.batch_size)  # this global batch
+        return n * distributed.world_size() / size
+
     def _log(self, terms: dict[str, torch.Tensor]) -> None:
         ctx = self.ctx
         if ctx.writer is not None and ctx.step % ctx.log_every == 0:
@@ -196,6 +264,8 @@ class StageLoop:
                 loss = sum(self.method.loss((x, y), self.stage).values())
             total, count = total + loss.item() * len(y), count + len(y)
         model.train()
+        if distributed.active():  # every process's shard, summed: all take the same schedule decision
+            total, count = distributed.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
         return total / max(count, 1)
 
     # ---- position -------------------------------------------------------------------------------------------------

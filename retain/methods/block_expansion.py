@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from retain import distributed
 from retain.config import ConfigError
 from retain.data.scenarios import Scenario, Task
 from retain.methods.base import ContinualModel, Method, MethodConfig, Stage, register_method
@@ -158,7 +159,7 @@ class BlockExpansion(Method):
         return {"ce": F.cross_entropy(logits, y, label_smoothing=self.train_cfg.label_smoothing)}
 
     def after_task(self, task: Task) -> None:
-        if self.cfg.export_path:
+        if self.cfg.export_path and distributed.is_main():  # one process writes
             atomic_export(self, self.cfg.export_path)
 
     def resume(self, last_task: Task) -> None:

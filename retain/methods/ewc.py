@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
+from retain import distributed
 from retain.config import ConfigError
 from retain.data.scenarios import Task
 from retain.methods.base import ContinualModel, Method, MethodConfig, Stage, register_method
@@ -46,7 +47,8 @@ def diagonal_fisher(model: ContinualModel, loader: Iterable, device: torch.devic
     logits (FACIL ``max_pred``: each batch's squared gradient of the batch-mean CE, weighted by the batch size).
 
     ``train``: measure in train mode (FACIL; BN uses batch statistics and updates its running ones), else eval.
-    The model's mode is restored afterwards.
+    The model's mode is restored afterwards. Under several processes ``loader`` is this process's shard of whole
+    batches: the sums and the sample count are added over processes (the Fisher is then the same on every one).
     """
     params = {n: p for n, p in model.backbone.named_parameters() if p.requires_grad}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -64,6 +66,9 @@ def diagonal_fisher(model: ContinualModel, loader: Iterable, device: torch.devic
                 fisher[n] += p.grad.pow(2) * len(x)
         n_samples += len(x)
     model.train(was_training)
+    if distributed.active():
+        n_samples = int(distributed.all_reduce_sum(torch.tensor([n_samples])).item())
+        fisher = {n: distributed.all_reduce_sum(f) for n, f in fisher.items()}
     return {n: f / max(n_samples, 1) for n, f in fisher.items()}
 
 

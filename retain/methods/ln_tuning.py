@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from retain import distributed
 from retain.config import ConfigError
 from retain.data.scenarios import Scenario, Task
 from retain.methods.base import ContinualModel, Method, MethodConfig, Stage, register_method
@@ -212,7 +213,7 @@ class LNTuning(Method):
         return (sims * sims.new_tensor(self.sim_weights)).sum()
 
     def after_task(self, task: Task) -> None:
-        if self.cfg.export_path:
+        if self.cfg.export_path and distributed.is_main():
             path = Path(self.cfg.export_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -314,11 +315,15 @@ class LNTuning(Method):
     # ---- keys and stage-2 data ------------------------------------------------------------------------------------
     @torch.no_grad()
     def fit_key(self, task: Task) -> None:
-        """Closed-form key of ``task`` from one pass over its training images (deterministic transform)."""
+        """Closed-form key of ``task`` from one pass over its training images (deterministic transform); under
+        several processes each sums its shard and the sums are added (the key is then the same on every one)."""
         total = None
         for x, _ in self.loader(task.train_eval):
             q = F.normalize(self.queries(x.to(self.device), self.cfg.cache_queries).float(), dim=-1)  # (B, D)
             total = q.sum(0) if total is None else total + q.sum(0)
+        if distributed.active():
+            total = total if total is not None else self.model.ln_keys.new_zeros(self.model.ln_keys.shape[1])
+            total = distributed.all_reduce_sum(total.float())  # (D,)
         self.model.ln_keys[task.index].copy_(F.normalize(total, dim=0))
 
     @torch.no_grad()
@@ -332,7 +337,10 @@ class LNTuning(Method):
             feats.append(f.float().cpu())  # (B, D)
             labels.append(y)
         self.model.train(was_training)
-        return TensorDataset(torch.cat(feats), torch.cat(labels))
+        if not feats:  # an empty shard (more processes than batches)
+            return TensorDataset(distributed.gather_rows(None), distributed.gather_rows(None))
+        feats, labels = torch.cat(feats), torch.cat(labels)  # (N_r, D), (N_r,): this process's shard
+        return TensorDataset(distributed.gather_rows(feats), distributed.gather_rows(labels))
 
     @torch.no_grad()
     def _online_head_features(self, x: torch.Tensor, upto: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import Attention
 from torch import nn
 
+from retain import distributed
 from retain.config import ConfigError
 from retain.data.scenarios import Scenario, Task
 from retain.methods.base import ContinualModel, Method, MethodConfig, register_method
@@ -142,7 +143,7 @@ class LoRA(Method):
         self._activate(self.adapter_of(task.index))
 
     def after_task(self, task: Task) -> None:
-        if self.cfg.export_path:
+        if self.cfg.export_path and distributed.is_main():  # one process writes
             atomic_export(self, self.cfg.export_path)
 
     def resume(self, last_task: Task) -> None:
