@@ -275,12 +275,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retain: error: {_process()}{_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
+        if _process():  # rank 0 of a multi-process run says it once
+            return 130
         if args.command != "run":
             print("retain: interrupted", file=sys.stderr)
             return 130
         done = str(e) or "finished tasks are saved"
         again = " ".join(shlex.quote(a) for a in argv) + ("" if "--resume" in argv else " --resume")
-        print(f"retain: interrupted: {done}; continue with: retain {again}", file=sys.stderr)
+        launcher = "torchrun <same options> -m " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"retain: interrupted: {done}; continue with: {launcher}retain {again}", file=sys.stderr)
         return 130
 
 

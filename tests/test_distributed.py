@@ -55,6 +55,7 @@ import json, os, signal, sys
 from retain import distributed
 from retain.config import load_config
 from retain.engine import checkpoint, run
+from retain.engine.context import RunInterrupted
 
 spec = json.loads(sys.argv[1])
 if spec.get("kill_rank1_at_step"):  # rank 1 dies by SIGKILL after that optimiser step
@@ -64,9 +65,20 @@ if spec.get("kill_rank1_at_step"):  # rank 1 dies by SIGKILL after that optimise
         if distributed.rank() == 1 and self.ctx.step == spec["kill_rank1_at_step"]:
             os.kill(os.getpid(), signal.SIGKILL)
     checkpoint.Checkpointer.after_step = after_step
+if spec.get("sigint_rank1_at_step"):  # a Ctrl-C that reaches rank 1 alone after that optimiser step
+    real_step = checkpoint.Checkpointer.after_step
+    def after_step(self, loop):
+        real_step(self, loop)
+        if distributed.rank() == 1 and self.ctx.step == spec["sigint_rank1_at_step"]:
+            os.kill(os.getpid(), signal.SIGINT)
+    checkpoint.Checkpointer.after_step = after_step
 with distributed.session("cpu"):  # one group for every run of this launch
     for over in spec["runs"]:
-        run(load_config(None, over), log=lambda *_: None)
+        try:
+            run(load_config(None, over), log=lambda *_: None)
+        except RunInterrupted as e:
+            print(f"rank {distributed.rank()} interrupted: {e}", flush=True)
+            sys.exit(130)
 """
 
 
@@ -215,3 +227,23 @@ def test_two_process_run_killed_then_resumed_ends_as_uninterrupted(runs):
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     wa, wb = _weights(runs, "finetune_2"), _weights(runs, "cut")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_ctrl_c_seen_by_one_process_stops_both_at_the_same_step(runs):
+    """torchrun forwards Ctrl-C to every process, but a signal may reach one first: the stop is agreed at each step
+    (one all-reduce), so both processes stop after the same step instead of one waiting in a collective; the resumed
+    run ends as the uninterrupted one."""
+    over = _overrides(runs, "finetune")
+    cut = _launch(runs, [over + ["name=sigint"]], sigint_rank1_at_step=5)
+    assert cut.returncode != 0
+    lines = [ln for ln in cut.stdout.splitlines() if "interrupted: stopped at" in ln]
+    assert len(lines) == 2 and lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1], cut.stdout
+    manifest = json.loads((runs / "runs" / "sigint" / "checkpoints" / "midtask.json").read_text())
+    assert manifest["step"] == 6  # seen by rank 1 after step 5, agreed at the next step's check
+    base = runs / "base.yaml"
+    base.write_text("name: base\n")
+    _torchrun(["-m", "retain", "run", str(base), *over, "name=sigint", "--resume"], runs)
+    full, resumed = _record(runs, "finetune_2"), _record(runs, "sigint")
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    wa, wb = _weights(runs, "finetune_2"), _weights(runs, "sigint")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -192,8 +192,16 @@ class Checkpointer:
         self.saved: str | None = None  # where the newest checkpoint stands, for messages
         self.stop_requested = False
 
+    def stop_agreed(self) -> bool:
+        """Whether to stop now. Under several processes a Ctrl-C seen by any of them counts for all (one 1-value
+        all-reduce per step), so every process stops at the same step instead of waiting in a collective."""
+        if distributed.active():
+            flag = distributed.all_reduce_sum(torch.tensor([float(self.stop_requested)]))
+            self.stop_requested = bool(flag.item() > 0)
+        return self.stop_requested
+
     def after_step(self, loop: StageLoop) -> None:
-        if self.stop_requested:
+        if self.stop_agreed():
             self.stop(loop)
         if self.epochs and loop.pos.batch >= loop.steps_per_epoch:
             return  # the epoch-end save follows
@@ -205,7 +213,7 @@ class Checkpointer:
     def after_epoch(self, loop: StageLoop) -> None:
         if self.epochs:
             self.save(loop)
-        if self.stop_requested:
+        if self.stop_agreed():
             self.stop(loop)
 
     def stop(self, loop: StageLoop) -> None:
@@ -244,8 +252,9 @@ def stop_on_interrupt(checkpointer: Checkpointer) -> Iterator[None]:
         if checkpointer.stop_requested:
             raise KeyboardInterrupt
         checkpointer.stop_requested = True
-        print("retain: Ctrl-C: saving a checkpoint at the next step, then stopping (Ctrl-C again: stop now)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        if distributed.is_main():  # torchrun sends every process the signal; one line is enough
+            print("retain: Ctrl-C: saving a checkpoint at the next step, then stopping (Ctrl-C again: stop now)",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
     previous = signal.signal(signal.SIGINT, handler)
     try:

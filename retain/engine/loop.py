@@ -147,7 +147,7 @@ def _run_task(cfg: RunConfig, method: Method, scenario: Scenario, task: Task, ct
     clear_midtask(out.path)
     out.write_metrics(metrics_record(cfg, scenario.class_order, scenario.n_tasks, state))
     _log_task(ctx, task, ev, seconds, cfg.name, scenario.n_tasks, log)
-    if saver.stop_requested:
+    if saver.stop_agreed():
         raise RunInterrupted(f"stopped after task {task.index + 1}/{scenario.n_tasks}, which is saved in {out.path}")
 
 
