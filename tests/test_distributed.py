@@ -58,19 +58,15 @@ from retain.engine import checkpoint, run
 from retain.engine.context import RunInterrupted
 
 spec = json.loads(sys.argv[1])
-if spec.get("kill_rank1_at_step"):  # rank 1 dies by SIGKILL after that optimiser step
+# rank 1 alone gets a signal after that optimiser step: SIGKILL (it dies) or SIGINT (a Ctrl-C that reached it first)
+signals = {"kill_rank1_at_step": signal.SIGKILL, "sigint_rank1_at_step": signal.SIGINT}
+at = {spec[k]: sig for k, sig in signals.items() if spec.get(k)}
+if at:
     real = checkpoint.Checkpointer.after_step
     def after_step(self, loop):
         real(self, loop)
-        if distributed.rank() == 1 and self.ctx.step == spec["kill_rank1_at_step"]:
-            os.kill(os.getpid(), signal.SIGKILL)
-    checkpoint.Checkpointer.after_step = after_step
-if spec.get("sigint_rank1_at_step"):  # a Ctrl-C that reaches rank 1 alone after that optimiser step
-    real_step = checkpoint.Checkpointer.after_step
-    def after_step(self, loop):
-        real_step(self, loop)
-        if distributed.rank() == 1 and self.ctx.step == spec["sigint_rank1_at_step"]:
-            os.kill(os.getpid(), signal.SIGINT)
+        if distributed.rank() == 1 and self.ctx.step in at:
+            os.kill(os.getpid(), at[self.ctx.step])
     checkpoint.Checkpointer.after_step = after_step
 with distributed.session("cpu"):  # one group for every run of this launch
     for over in spec["runs"]:
