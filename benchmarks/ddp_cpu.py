@@ -54,25 +54,43 @@ def run_pair(args: argparse.Namespace, out: Path, round_: int) -> dict[str, floa
     return result
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="vit_micro_patch4_32")
     p.add_argument("--batch", type=int, default=64, help="global batch (each of 2 processes takes half)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=2)
-    args = p.parse_args()
-    print(f"{args.backbone}, 32 px, global batch {args.batch}, {args.steps} SGD steps per run, {args.rounds} rounds; "
-          f"{os.cpu_count()} logical CPUs")  # fmt: skip
+    p.add_argument("--small", action="store_true", help="the suite's size: 20 steps, 2 rounds")
+    p.add_argument("--threads", type=int, default=None, help="ignored: the comparison fixes 2x1 and 1x2 (suite)")
+    args = p.parse_args(argv)
+    if args.small:
+        args.steps = 20
+    return args
+
+
+def collect(argv: list[str] | None = None) -> dict:
+    """Median img/s of each setting and the median per-round ratio 2x1 / 1x2 (results-file entry)."""
+    args = parse(argv)
     with tempfile.TemporaryDirectory() as tmp:
         rounds = [run_pair(args, Path(tmp), r) for r in range(args.rounds)]
-    labels = list(rounds[0])
-    for label in sorted(labels):
-        values = [r[label] for r in rounds]
-        listed = ", ".join(f"{v:.1f}" for v in values)
-        print(f"{label:>24s}: {statistics.median(values):7.1f} img/s  (rounds: {listed})")
+    img_s = {label: statistics.median(r[label] for r in rounds) for label in rounds[0]}
     ratios = [r["2 processes x 1 thread"] / r["1 process x 2 threads"] for r in rounds]
-    listed = ", ".join(f"{v:.2f}" for v in ratios)
-    print(f"{'ratio 2x1 / 1x2':>24s}: {statistics.median(ratios):.2f}  (rounds: {listed})")
+    settings = {k: getattr(args, k) for k in ("backbone", "batch", "steps", "rounds")} | {"cpus": os.cpu_count()}
+    row = {"case": "2 processes x 1 thread vs 1 process x 2 threads", "ratio": statistics.median(ratios),
+           "rounds": ratios, "img_s": img_s}  # fmt: skip
+    return {"settings": settings, "ratio": "img/s of 2 processes x 1 thread / img/s of 1 process x 2 threads",
+            "rows": [row]}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    res = collect(argv)
+    s, row = res["settings"], res["rows"][0]
+    print(f"{s['backbone']}, 32 px, global batch {s['batch']}, {s['steps']} SGD steps per run, {s['rounds']} rounds; "
+          f"{s['cpus']} logical CPUs")  # fmt: skip
+    for label, value in sorted(row["img_s"].items()):
+        print(f"{label:>24s}: {value:7.1f} img/s")
+    listed = ", ".join(f"{v:.2f}" for v in row["rounds"])
+    print(f"{'ratio 2x1 / 1x2':>24s}: {row['ratio']:.2f}  (rounds: {listed})")
 
 
 if __name__ == "__main__":

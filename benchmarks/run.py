@@ -11,7 +11,8 @@ In the suite (each prints ratios measured side by side in one session; ``--small
   set, inference against a plain forward, storage per task against the parameters the task adds;
 - ``ln_tuning_speed``: LN tuning's per-task LayerNorms against plain timm ViTs;
 - ``pad_overhead``: a PAD step against an LwF step;
-- ``peft_vit_speed``: LoRA and Block Expansion steps and merged-LoRA inference against plain timm ViTs.
+- ``peft_vit_speed``: LoRA and Block Expansion steps and merged-LoRA inference against plain timm ViTs;
+- ``ddp_cpu``: training img/s of 2 processes x 1 thread (torchrun, gloo) against 1 process x 2 threads.
 
 Not in it: the accuracy benchmarks (``confit_cpu`` ~10 min, ``pad_cpu`` ~16 min, ``peft_vit_cpu`` ~1 h,
 ``ln_tuning_schedule``: whole runs on real data; they measure accuracy, and their speed figures are whole-run times
@@ -36,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from benchmarks.common import machine_info  # noqa: E402
 
-SUITE = ["method_costs", "ln_tuning_speed", "pad_overhead", "peft_vit_speed"]
+SUITE = ["method_costs", "ln_tuning_speed", "pad_overhead", "peft_vit_speed", "ddp_cpu"]
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMA = 1
 
