@@ -232,6 +232,16 @@ class StageLoop:
             if self.pos.step >= self.total_steps:
                 break
         bar.close()
+        return self._epoch_mean(totals, n)
+
+    def _epoch_mean(self, totals: dict[str, float], n: int) -> dict[str, float]:
+        """Each term's mean over the epoch's batches; under several processes over every process's batches (the
+        per-step TensorBoard values stay rank 0's slice)."""
+        if self.ddp is not None and totals:
+            keys = sorted(totals)
+            sums = torch.tensor([totals[k] for k in keys] + [float(n)], dtype=torch.float64)
+            sums = distributed.all_reduce_sum(sums).tolist()
+            totals, n = dict(zip(keys, sums[:-1], strict=True)), int(sums[-1])
         return {k: v / max(n, 1) for k, v in totals.items()}
 
     def _share(self, n: int) -> float:
