@@ -277,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         if _process():  # rank 0 of a multi-process run says it once
             return 130
-        if args.command != "run":
-            print("retain: interrupted", file=sys.stderr)
+        if args.command != "run":  # a command that says where things stand puts it in the interrupt
+            print(f"retain: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
             return 130
         done = str(e) or "finished tasks are saved"
         again = " ".join(shlex.quote(a) for a in argv) + ("" if "--resume" in argv else " --resume")

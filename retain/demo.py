@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -202,7 +203,12 @@ def _run_stream(stream: Stream, args: argparse.Namespace, stamp: str) -> list[di
         cfg = load_config(entry.preset, _overrides(entry, stream, name, args))
         print(f"\n=== {stream.name} [{i}/{len(entries)}] {entry.label} ({cfg.model.backbone}, {cfg.data.name}) ===")
         start = time.perf_counter()
-        record = run(cfg)
+        try:
+            record = run(cfg)
+        except KeyboardInterrupt as e:  # Ctrl-C: the run saved a checkpoint; say how to finish it
+            again = " ".join(shlex.quote(o) for o in [entry.preset, *_overrides(entry, stream, name, args)])
+            raise KeyboardInterrupt(f"{e or 'stopped'}; the finished demo runs are kept in {args.out_dir}; "
+                                    f"finish this one with: retain run {again} --resume") from None  # fmt: skip
         seconds = time.perf_counter() - start
         if stream.name == "task_il":
             print("task-aware (TAw) accuracy matrix:")

@@ -146,3 +146,20 @@ def test_demo_help_lists_options(capsys):
         main(["demo", "--help"])
     out = capsys.readouterr().out
     assert all(flag in out for flag in ("--stream", "--quick", "--methods", "--epochs", "--dataset"))
+
+
+def test_ctrl_c_in_the_demo_says_where_runs_are_and_how_to_finish_the_interrupted_one(tmp_path, capsys, monkeypatch):
+    import retain.engine
+    from retain.engine.context import RunInterrupted
+
+    def interrupted(cfg, **kwargs):
+        raise RunInterrupted("stopped at task 0, stage 'train', epoch 1, batch 3 (step 3); checkpoint saved in X")
+
+    monkeypatch.setattr(retain.engine, "run", interrupted)
+    code = main(["demo", "--methods", "lwf", "--quiet", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 130 and err.startswith("retain: interrupted: stopped at task 0, stage 'train'")
+    assert f"the finished demo runs are kept in {tmp_path}" in err
+    again = err.split("finish this one with: ")[1].split()
+    assert again[:4] == ["retain", "run", "demo/default", "method.name=lwf"] and again[-1] == "--resume"
+    assert f"out_dir={tmp_path}" in again and any(a.startswith("name=") and a.endswith("-class_il-lwf") for a in again)
