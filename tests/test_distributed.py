@@ -1,7 +1,8 @@
 """Multi-process runs (``retain.distributed``): real processes started by ``torchrun`` (gloo, CPU, one thread each)
 against the one-process run of the same config, and a two-process run killed then resumed.
 
-Tolerance, 2 vs 1 process (``_assert_close``). Finetune, LwF, LN tuning, EWC, SimpleCIL: the global batch is the
+Tolerance, 2 vs 1 process (``_assert_close``). Finetune, LwF, LN tuning, EWC, SimpleCIL, PAD, LoRA, Block Expansion,
+joint, linear probe (every method but ConFiT): the global batch is the
 one-process batch (same seeded permutation, each process a contiguous slice; the last batch of 3 splits 1 / 2 and
 the shares are weighted), DDP averages the slices' mean gradients, which is the one-process gradient up to float
 summation order, and the extra passes (keys, Fisher, prototypes) are sums or gathers over the same batches. So the
@@ -34,7 +35,18 @@ from retain.engine.context import RankSlices
 from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-EXACT = ["finetune", "lwf", "ln_tuning", "ewc", "simplecil"]  # ewc: Fisher sums reduced; simplecil: features gathered
+EXACT = [
+    "finetune",
+    "lwf",
+    "ln_tuning",
+    "ewc",
+    "simplecil",  # ewc: Fisher sums reduced; simplecil: features gathered
+    "pad",
+    "lora",
+    "block_expansion",
+    "joint",
+    "linear_probe",
+]  # attention hooks, peft, cached tokens/features
 METHODS = [*EXACT, "confit"]
 WEIGHT_TOL = {"exact": 1e-6, "confit": 1e-2}  # absolute and relative, saved tensors but BN statistics (docstring)
 TEST_PER_TASK = 12  # 3 classes x 4 test images: one image is 8.33 points
@@ -196,8 +208,8 @@ def runs(tmp_path_factory) -> Path:
 
 
 def test_two_processes_match_one(runs):
-    """finetune, LwF, LN tuning, EWC, SimpleCIL: the one-process result to float summation order; ConFiT: close (its
-    BN sees half batches)."""
+    """Every method but ConFiT: the one-process result to float summation order; ConFiT: close (its BN sees half
+    batches)."""
     for m in EXACT:
         _assert_close(runs, m, images=1, tol=WEIGHT_TOL["exact"])
     _assert_close(runs, "confit", images=2, tol=WEIGHT_TOL["confit"])
