@@ -44,6 +44,26 @@ def tiny(tmp_path):
     return lambda **extra: tiny_overrides(tmp_path, **extra)
 
 
+def build_with_random_weights(overrides: list[str]):
+    """(method, the model before surgery) on a dry scenario of ``overrides``, the backbone's weights random and
+    non-zero (seeded), so that an identity at init is a real test."""
+    import copy
+
+    from retain.config import load_config
+    from retain.engine.build import build_method, build_model
+    from retain.inspect import dry_scenario
+
+    cfg = load_config(None, overrides)
+    scenario = dry_scenario(cfg)
+    model = build_model(cfg, scenario)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    reference = copy.deepcopy(model).eval()
+    return build_method(cfg, model, scenario), reference
+
+
 def needs_shared(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():

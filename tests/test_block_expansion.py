@@ -9,13 +9,12 @@ import torch
 
 from retain.config import ConfigError, load_config
 from retain.engine import RunContext, build_run, fit_task, run
-from retain.engine.build import build_method, build_model
-from retain.inspect import dry_scenario, inspect_config
+from retain.inspect import inspect_config
 from retain.methods.base import mark_trainable
 from retain.methods.block_expansion import TaskBlock
 from retain.report import summary_rows, to_markdown, write_report
 
-from conftest import interrupted_then_resumed
+from conftest import build_with_random_weights, interrupted_then_resumed
 
 CPU = torch.device("cpu")
 SIZES = {  # two ViT sizes: (backbone, kwargs, image size)
@@ -29,15 +28,7 @@ def _build(tiny, size="dim32_depth6", **extra):
     backbone, kwargs, px = SIZES[size]
     over = {"model.backbone": backbone, "model.kwargs": kwargs, "data.image_size": str(px), "data.num_classes": "4",
             "method.name": "block_expansion", **extra}  # fmt: skip
-    cfg = load_config(None, tiny(**over))
-    scenario = dry_scenario(cfg)
-    model = build_model(cfg, scenario)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    reference = copy.deepcopy(model).eval()
-    return build_method(cfg, model, scenario), reference
+    return build_with_random_weights(tiny(**over))
 
 
 @pytest.mark.parametrize(

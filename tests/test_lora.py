@@ -1,8 +1,6 @@
 """LoRA through peft on the split q/v projections (Bafghi et al., CVPRW 2024): exact at init, only q and v adapted,
 merged inference equal to the un-merged model, per-task adapters, checkpoints, export, the paper's counts."""
 
-import copy
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,13 +8,12 @@ from torch import nn
 
 from retain.config import ConfigError, load_config
 from retain.engine import RunContext, build_run, fit_task
-from retain.engine.build import build_method, build_model
-from retain.inspect import dry_scenario, inspect_config
+from retain.inspect import inspect_config
 from retain.methods.base import mark_trainable
 from retain.methods.lora import lora_layers
 from retain.models.adapters import QKV
 
-from conftest import interrupted_then_resumed
+from conftest import build_with_random_weights, interrupted_then_resumed
 
 CPU = torch.device("cpu")
 VIT = "{depth: 3, embed_dim: 32, num_heads: 2, img_size: 16}"
@@ -25,15 +22,7 @@ VIT = "{depth: 3, embed_dim: 32, num_heads: 2, img_size: 16}"
 def _build(tiny, **extra):
     """(method, the model before surgery) on a dry 2-task scenario, backbone weights random and non-zero."""
     over = {"model.kwargs": VIT, "data.num_classes": "4", "method.name": "lora", **extra}
-    cfg = load_config(None, tiny(**over))
-    scenario = dry_scenario(cfg)
-    model = build_model(cfg, scenario)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    reference = copy.deepcopy(model).eval()
-    return build_method(cfg, model, scenario), reference
+    return build_with_random_weights(tiny(**over))
 
 
 def _randomise_lora(method):
