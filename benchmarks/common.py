@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["Ratio", "time_interleaved", "median_ratio", "measure", "peak_rss", "machine_info", "parse_sized"]
+__all__ = ["Ratio", "time_interleaved", "median_ratio", "measure", "loss_step", "head_step", "peak_rss",
+           "machine_info", "parse_sized"]  # fmt: skip
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 _MALLOC_READY: bool | None = None
@@ -73,6 +75,30 @@ def measure(cases: dict[str, dict[str, Callable[[], object]]], rounds: int, warm
         rows.append(Ratio(c, ref, statistics.median(t_ref), ours, statistics.median(t_ours),
                           median_ratio(t_ref, t_ours)))  # fmt: skip
     return rows
+
+
+def loss_step(method, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, stage) -> Callable[[], None]:
+    """One training step of ``method`` on a fixed batch, as the engine takes it: its loss terms summed,
+    backpropagated, ``opt`` stepped."""
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        sum(method.loss((x, y), stage).values()).backward()
+        opt.step()
+
+    return step
+
+
+def head_step(model: torch.nn.Module, head: torch.nn.Linear, opt: torch.optim.Optimizer, x: torch.Tensor,
+              y: torch.Tensor) -> Callable[[], None]:  # fmt: skip
+    """One plain timm step on a fixed batch: cross-entropy of ``head`` on ``model``'s pooled features."""
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(head(model.forward_head(model.forward_features(x), pre_logits=True)), y).backward()
+        opt.step()
+
+    return step
 
 
 def _malloc_ready() -> bool:

@@ -18,11 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from benchmarks.common import measure, parse_sized
+from benchmarks.common import head_step, measure, parse_sized
 from retain.methods.ln_tuning import select_task
 from retain.models import create_backbone
 from retain.models.task_layernorm import PRETRAINED, inject_task_layernorm, use_task
@@ -36,15 +35,6 @@ def _plain_ln_only(model: nn.Module) -> list[nn.Parameter]:
     for p in params:
         p.requires_grad_(True)
     return params
-
-
-def _train_step(model: nn.Module, head: nn.Linear, opt: torch.optim.Optimizer, x, y) -> Callable[[], None]:
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(head(model.forward_head(model.forward_features(x), pre_logits=True)), y).backward()
-        opt.step()
-
-    return step
 
 
 def build_cases(backbone: str, batch: int, n_tasks: int) -> dict[str, dict[str, Callable[[], None]]]:
@@ -65,11 +55,11 @@ def build_cases(backbone: str, batch: int, n_tasks: int) -> dict[str, dict[str, 
     for p in ln_rows:
         p.requires_grad_(True)
     opt_b = torch.optim.Adam([*ln_rows, *head_b.parameters()], lr=1e-3)
-    plain_step = _train_step(plain, head_a, opt_a, x, y)
+    plain_step = head_step(plain, head_a, opt_a, x, y)
 
     def ours_step() -> None:
         with use_task(ours, 3):
-            _train_step(ours, head_b, opt_b, x, y)()
+            head_step(ours, head_b, opt_b, x, y)()
 
     keys = torch.randn(n_tasks, dim)  # (T, D)
     mixed = torch.arange(batch) % n_tasks  # (B,) every task present

@@ -50,12 +50,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-from benchmarks.common import machine_info, median_ratio, parse_sized, peak_rss, time_interleaved  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    head_step,
+    loss_step,
+    machine_info,
+    median_ratio,
+    parse_sized,
+    peak_rss,
+    time_interleaved,
+)
 from benchmarks.peft_vit_speed import bitfit_names  # noqa: E402
 from benchmarks.table import method_table  # noqa: E402
 from retain.config import RunConfig, load_config  # noqa: E402
@@ -141,11 +148,7 @@ def train_pair(name: str, batch: int) -> TrainPair | None:
     opt, model = loop.optimizer, method.model
     model.train()
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        sum(method.loss((x, y), stage).values()).backward()
-        opt.step()
-
+    step = loss_step(method, opt, x, y, stage)
     trained = method.trained_names(method.task, [stage])
     images, labels = next(iter(torch.utils.data.DataLoader(method.task.train, batch_size=batch)))
     ref_step, n_ref, what = plain_step(cfg, method, stage, trained, images, labels - method.task.offset)
@@ -170,12 +173,7 @@ def plain_step(cfg: RunConfig, method: Method, stage: Stage, trained: list[str],
     head = nn.Linear(plain.num_features, method.task.n_classes)
     opt = build_optimizer([*params, *head.parameters()], cfg.train, stage)
     plain.train()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(head(plain.forward_head(plain.forward_features(x), pre_logits=True)), y).backward()
-        opt.step()
-
+    step = head_step(plain, head, opt, x, y)
     return step, sum(p.numel() for p in params) + sum(p.numel() for p in head.parameters()), what
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from benchmarks.common import median_ratio, parse_sized, time_interleaved  # noqa: E402
+from benchmarks.common import loss_step, median_ratio, parse_sized, time_interleaved  # noqa: E402
 from retain.config import load_config  # noqa: E402
 from retain.engine import RunContext, build_run, fit_task  # noqa: E402
 
@@ -57,13 +57,7 @@ def _step(args: argparse.Namespace, extra: list[str]) -> Callable[[], None]:
     x = torch.rand(args.batch, 3, args.image_size, args.image_size)
     y = torch.randint(task.offset, task.offset + task.n_classes, (args.batch,))
     method.model.train()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        sum(method.loss((x, y), None).values()).backward()
-        opt.step()
-
-    return step
+    return loss_step(method, opt, x, y, None)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,11 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from benchmarks.common import measure, parse_sized
+from benchmarks.common import head_step, loss_step, measure, parse_sized
 from retain.config import load_config, load_yaml
 from retain.engine.build import build_method, build_model
 from retain.inspect import dry_scenario
@@ -61,13 +60,7 @@ def method_step(method: Method, x: torch.Tensor, y: torch.Tensor, cached: bool =
     opt = sgd([p for p in method.model.parameters() if p.requires_grad])
     inputs = method.prefix_tokens(x).detach() if cached else x  # (B, L, D) or (B, 3, H, W)
     method.model.train()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        sum(method.loss((inputs, y), stage).values()).backward()
-        opt.step()
-
-    return step
+    return loss_step(method, opt, inputs, y, stage)
 
 
 def plain_step(model: nn.Module, head: nn.Linear, names: list[str], x, y) -> tuple[Callable[[], None], int]:
@@ -79,13 +72,8 @@ def plain_step(model: nn.Module, head: nn.Linear, names: list[str], x, y) -> tup
         p.requires_grad_(True)
     opt = sgd([*params, *head.parameters()])
     model.train()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(head(model.forward_head(model.forward_features(x), pre_logits=True)), y).backward()
-        opt.step()
-
-    return step, sum(p.numel() for p in params) + sum(p.numel() for p in head.parameters())
+    n_trained = sum(p.numel() for p in params) + sum(p.numel() for p in head.parameters())
+    return head_step(model, head, opt, x, y), n_trained
 
 
 def bitfit_names(model: nn.Module) -> list[str]:
