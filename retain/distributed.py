@@ -157,8 +157,10 @@ def shard_bounds(n: int, parts: int | None = None, index: int | None = None) -> 
     return n * index // parts, n * (index + 1) // parts
 
 
-def batch_plan(train: TrainConfig, processes: int | None = None) -> dict[str, Any]:
-    """The batch and learning-rate rule of ``train`` on ``processes`` processes (default: this group's size).
+def batch_plan(train: TrainConfig, processes: int | None = None, batch_size: int | None = None,
+               label: str = "train.batch_size") -> dict[str, Any]:  # fmt: skip
+    """The batch and learning-rate rule of ``train`` on ``processes`` processes (default: this group's size), for
+    ``batch_size`` (default ``train.batch_size``; a stage's own batch, named ``label`` in errors).
 
     ``train.batch_scope``: ``global`` (default): ``train.batch_size`` is the batch of one optimiser step over all
     processes, each takes ``batch_size / N`` samples of it (N must divide it); the lr is unchanged, so the maths does
@@ -174,14 +176,15 @@ def batch_plan(train: TrainConfig, processes: int | None = None) -> dict[str, An
         raise ConfigError("train.lr_scaling=linear scales the lr with the global batch, which "
                           "train.batch_scope=global keeps fixed; set train.batch_scope=per_process or "
                           "train.lr_scaling=none")  # fmt: skip
+    size = train.batch_size if batch_size is None else batch_size
     per_process = train.batch_scope == "per_process"
-    if not per_process and train.batch_size % n:
-        raise ConfigError(f"train.batch_size={train.batch_size} (the global batch) does not split over {n} "
-                          f"processes; use a multiple of {n}, or train.batch_scope=per_process")  # fmt: skip
+    if not per_process and size % n:
+        raise ConfigError(f"{label}={size} (the global batch) does not split over {n} processes; use a multiple of "
+                          f"{n}, or train.batch_scope=per_process")  # fmt: skip
     factor = n if train.lr_scaling == "linear" else 1
-    return {"processes": n, "batch_scope": train.batch_scope, "global_batch": train.batch_size * (n if per_process
-            else 1), "per_process_batch": train.batch_size if per_process else train.batch_size // n,
-            "lr_scaling": train.lr_scaling, "lr_factor": factor, "lr": train.lr * factor}  # fmt: skip
+    return {"processes": n, "batch_scope": train.batch_scope, "global_batch": size * (n if per_process else 1),
+            "per_process_batch": size if per_process else size // n, "lr_scaling": train.lr_scaling,
+            "lr_factor": factor, "lr": train.lr * factor}  # fmt: skip
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

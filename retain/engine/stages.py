@@ -43,15 +43,10 @@ def build_optimizer(params: list[nn.Parameter], train: TrainConfig, stage: Stage
 
 
 def global_batch(train: TrainConfig, stage: Stage) -> int:
-    """Samples per optimiser step over all processes (``train.batch_scope``); ConfigError when a global batch does
-    not split evenly over the processes."""
-    size, n = stage.batch_size or train.batch_size, distributed.world_size()
-    if train.batch_scope == "per_process":
-        return size * n
-    if size % n:
-        raise ConfigError(f"stage {stage.name!r}: batch {size} (global) does not split over {n} processes; use a "
-                          f"multiple of {n}, or train.batch_scope=per_process")  # fmt: skip
-    return size
+    """Samples per optimiser step over all processes (``train.batch_scope``, ``distributed.batch_plan``);
+    ConfigError when a global batch does not split evenly over the processes."""
+    size = stage.batch_size or train.batch_size
+    return distributed.batch_plan(train, batch_size=size, label=f"stage {stage.name!r} batch")["global_batch"]
 
 
 class _Step(nn.Module):
