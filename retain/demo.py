@@ -224,20 +224,18 @@ def _run_stream(stream: Stream, args: argparse.Namespace, stamp: str) -> list[di
 
 
 def _cell(key: str, value: Any) -> str:
+    """A table cell: the report's format (``retain.report.tables.format_value``) and the demo's own columns."""
+    from retain.report.tables import format_value
+
     if value is None or value == "-" or value == "":
         return "-"
-    if key == "trainable_params":
-        return f"{int(value):,}"
-    if key == "bytes_per_task":
-        n = float(value)
-        return f"{n:.0f} B" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
     if key == "lr":
         return f"{float(value):g}"
     if key == "retention_change":
         return f"{float(value):+.1f}"
-    if isinstance(value, float):
-        return f"{value:.1f}"
-    return str(value)
+    if key == "seconds":
+        return f"{float(value):.1f}"
+    return format_value(key, value)
 
 
 def table(stream: Stream, rows: Sequence[dict[str, Any]]) -> str:

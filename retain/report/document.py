@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retain.report.tables import COLUMNS, MISSING, TEXT_KEYS, _format_value, _header, table_keys, to_markdown
+from retain.report.tables import COLUMNS, MISSING, TEXT_KEYS, _header, format_value, table_keys, to_markdown
 
 __all__ = ["Block", "Bullets", "Code", "Details", "Heading", "Image", "Table", "Text", "to_html", "to_md"]
 
@@ -117,7 +117,7 @@ def _html_table(rows: Sequence[dict[str, Any]], columns: dict[str, str] | None) 
     head = "".join(f"<th{c}>{html.escape(_header(k, columns))}</th>"
                    for k, c in zip(keys, cls, strict=True))  # fmt: skip
     body = "".join(
-        "<tr>" + "".join(f"<td{c}>{html.escape(_format_value(k, r.get(k, MISSING)))}</td>"
+        "<tr>" + "".join(f"<td{c}>{html.escape(format_value(k, r.get(k, MISSING)))}</td>"
                          for k, c in zip(keys, cls, strict=True)) + "</tr>"
         for r in rows
     )  # fmt: skip

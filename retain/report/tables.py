@@ -28,6 +28,7 @@ __all__ = [
     "TEXT_KEYS",
     "accuracy_matrix",
     "format_matrix",
+    "format_value",
     "load_run",
     "summary_rows",
     "to_csv",
@@ -241,12 +242,13 @@ class Stat(NamedTuple):
     n: int
 
 
-def _format_value(key: str, value: Any) -> str:
+def format_value(key: str, value: Any) -> str:
+    """A table cell: one decimal for percentages, thousands separators, binary byte units, ``mean ± std``."""
     if value is None or value == MISSING:
         return MISSING
     if isinstance(value, Stat):
-        mean = _format_value(key, value.mean)
-        return mean if value.n < 2 or not math.isfinite(value.std) else f"{mean} ± {_format_value(key, value.std)}"
+        mean = format_value(key, value.mean)
+        return mean if value.n < 2 or not math.isfinite(value.std) else f"{mean} ± {format_value(key, value.std)}"
     if isinstance(value, float) and not math.isfinite(value):
         return MISSING
     if key in _PERCENT_KEYS:
@@ -261,7 +263,7 @@ def _format_value(key: str, value: Any) -> str:
 
 
 def _format_cell(key: str, value: Any) -> str:
-    return _format_value(key, value).replace("|", "\\|")
+    return format_value(key, value).replace("|", "\\|")
 
 
 def table_keys(rows: Sequence[dict[str, Any]], columns: dict[str, str] | None = None) -> list[str]:
@@ -295,7 +297,7 @@ def to_text(rows: Sequence[dict[str, Any]], columns: dict[str, str] | None = Non
     """The table of :func:`to_markdown` as aligned plain text for the terminal (text left, numbers right)."""
     columns = COLUMNS if columns is None else columns
     keys = table_keys(rows, columns)
-    table = [[_header(k, columns) for k in keys]] + [[_format_value(k, r.get(k, MISSING)) for k in keys] for r in rows]
+    table = [[_header(k, columns) for k in keys]] + [[format_value(k, r.get(k, MISSING)) for k in keys] for r in rows]
     widths = [max(len(line[j]) for line in table) for j in range(len(keys))]
 
     def render(cells: list[str]) -> str:
