@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from retain import distributed
 from retain.config import METHOD_CONFIGS, config_name
 from retain.data.scenarios import Scenario, Task
 from retain.features import extract_features
@@ -159,6 +161,18 @@ class Method:
 
     def after_task(self, task: Task) -> None:
         """Called after the task's stages; snapshot what later tasks need."""
+
+    def export_after_task(self) -> None:
+        """``export`` to ``cfg.export_path`` when one is set (methods with an artefact call this from ``after_task``):
+        through a temporary file, so an interrupted run never leaves half a file, and by one process (rank 0)."""
+        path = getattr(self.cfg, "export_path", None)
+        if not path or not distributed.is_main():
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        self.export(tmp)
+        tmp.replace(path)
 
     def resume(self, last_task: Task) -> None:
         """Called after a checkpoint of ``last_task`` was loaded; rebuild any state not held in tensors."""

@@ -25,14 +25,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from retain import distributed
 from retain.config import ConfigError
 from retain.data.scenarios import Scenario, Task
 from retain.methods.base import ContinualModel, Method, MethodConfig, Stage, register_method
 from retain.models.adapters import expand_blocks, set_task, use_task
 
 __all__ = ["BlockExpansionConfig", "BlockExpansion", "TaskBlock", "resolve_per_task", "deterministic_train",
-           "backbone_ref", "atomic_export"]  # fmt: skip
+           "backbone_ref"]  # fmt: skip
 
 
 @dataclass
@@ -87,15 +86,6 @@ def backbone_ref(backbone: nn.Module) -> str:
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     arch, tag = cfg.get("architecture", type(backbone).__name__), cfg.get("tag")
     return f"{arch}.{tag}" if tag else arch
-
-
-def atomic_export(method: Method, path: str | Path) -> None:
-    """``method.export`` to ``path`` through a temporary file: an interrupted run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    method.export(tmp)
-    tmp.replace(path)
 
 
 @register_method
@@ -159,8 +149,7 @@ class BlockExpansion(Method):
         return {"ce": F.cross_entropy(logits, y, label_smoothing=self.train_cfg.label_smoothing)}
 
     def after_task(self, task: Task) -> None:
-        if self.cfg.export_path and distributed.is_main():  # one process writes
-            atomic_export(self, self.cfg.export_path)
+        self.export_after_task()
 
     def resume(self, last_task: Task) -> None:
         super().resume(last_task)

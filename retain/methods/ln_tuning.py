@@ -213,12 +213,7 @@ class LNTuning(Method):
         return (sims * sims.new_tensor(self.sim_weights)).sum()
 
     def after_task(self, task: Task) -> None:
-        if self.cfg.export_path and distributed.is_main():
-            path = Path(self.cfg.export_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            self.export(tmp)
-            tmp.replace(path)  # atomic: an interrupted run never leaves half a file
+        self.export_after_task()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, task_id: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -28,11 +28,10 @@ from safetensors.torch import load_file, save_file
 from timm.layers import Attention
 from torch import nn
 
-from retain import distributed
 from retain.config import ConfigError
 from retain.data.scenarios import Scenario, Task
 from retain.methods.base import ContinualModel, Method, MethodConfig, register_method
-from retain.methods.block_expansion import atomic_export, backbone_ref, resolve_per_task
+from retain.methods.block_expansion import backbone_ref, resolve_per_task
 from retain.models.adapters import QKV, split_qkv
 
 __all__ = ["LoRAConfig", "LoRA", "lora_layers", "merged_weight"]
@@ -143,8 +142,7 @@ class LoRA(Method):
         self._activate(self.adapter_of(task.index))
 
     def after_task(self, task: Task) -> None:
-        if self.cfg.export_path and distributed.is_main():  # one process writes
-            atomic_export(self, self.cfg.export_path)
+        self.export_after_task()
 
     def resume(self, last_task: Task) -> None:
         super().resume(last_task)
