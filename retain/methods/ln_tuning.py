@@ -323,19 +323,11 @@ class LNTuning(Method):
 
     @torch.no_grad()
     def _head_features(self, task: Task) -> TensorDataset:
-        """(features, labels) of ``task.train_eval`` with the test-time selection, computed once for stage 2."""
-        was_training = self.model.training
-        self.model.eval()
-        feats, labels = [], []
-        for x, y in self.loader(task.train_eval):
-            f, _ = self.inference_features(x.to(self.device), task.index, self.cfg.cache_queries)
-            feats.append(f.float().cpu())  # (B, D)
-            labels.append(y)
-        self.model.train(was_training)
-        if not feats:  # an empty shard (more processes than batches)
-            return TensorDataset(distributed.gather_rows(None), distributed.gather_rows(None))
-        feats, labels = torch.cat(feats), torch.cat(labels)  # (N_r, D), (N_r,): this process's shard
-        return TensorDataset(distributed.gather_rows(feats), distributed.gather_rows(labels))
+        """(features, labels) of ``task.train_eval`` with the test-time selection, computed once for stage 2 (shards
+        gathered under several processes, as every ``extract_features`` pass)."""
+        return self.extract_features(
+            task.train_eval, forward=lambda x: self.inference_features(x, task.index, self.cfg.cache_queries)[0]
+        )
 
     @torch.no_grad()
     def _online_head_features(self, x: torch.Tensor, upto: int) -> torch.Tensor:
