@@ -80,10 +80,11 @@ def measure(cases: dict[str, dict[str, Callable[[], object]]], rounds: int, warm
 def loss_step(method, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, stage) -> Callable[[], None]:
     """One training step of ``method`` on a fixed batch, as the engine takes it: its loss terms summed,
     backpropagated, ``opt`` stepped."""
+    from retain.engine.stages import stage_loss  # (scripts put the checkout on sys.path before importing retain)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        sum(method.loss((x, y), stage).values()).backward()
+        sum(stage_loss(method, stage, (x, y)).values()).backward()
         opt.step()
 
     return step

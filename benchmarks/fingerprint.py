@@ -1,4 +1,6 @@
-"""Behaviour fingerprint: the accuracy matrices of every method on small digits streams (class-IL and task-IL).
+"""Behaviour fingerprint: what every registered method computes on small digits streams: class-IL and task-IL
+accuracy matrices, trainable parameters, bytes per task, the sha256 of the last checkpoint's tensors, and the
+fine-tuning protocol's retention k-NN for the methods that adapt one pre-trained ViT.
 
 Run it on two commits and compare, to show that a refactoring changed nothing (the seams issue used it: every
 matrix identical before and after):
@@ -7,7 +9,7 @@ matrix identical before and after):
     python benchmarks/fingerprint.py after.json             # on the new one
     python benchmarks/fingerprint.py --compare before.json after.json
 
-About 4 minutes on 2 cores. Runs that fail record their error instead of a matrix.
+About 7 minutes on 2 cores. Runs that fail record their error instead of a matrix.
 """
 
 from __future__ import annotations
@@ -23,10 +25,38 @@ from retain import load_config, run  # noqa: E402
 
 CNN = ["model.backbone=cifar_resnet20.retain_cifar10", "train.epochs=5", "train.optimizer=sgd", "train.lr=0.01",
        "train.momentum=0.0"]  # fmt: skip
-BASELINES = ["finetune", "linear_probe", "simplecil", "lwf", "ewc", "joint", "ln_tuning"]
+BASELINES = ["finetune", "linear_probe", "simplecil", "lwf", "ewc", "joint", "ln_tuning", "pad", "lora",
+             "block_expansion"]  # fmt: skip
 CASES = {m: [f"method.name={m}"] for m in BASELINES}
 CASES["ln_single"] = ["method.name=ln_tuning", "method.variant=single_stage"]
+CASES["pad_att"] = ["method.name=pad", "method.variant=attentional", "method.asymmetric=false"]
 CASES["confit"] = ["method.name=confit", *CNN]
+RETENTION = {m: [f"method.name={m}"] for m in ("finetune", "linear_probe", "lora", "block_expansion")}
+RETENTION["block_p2_online"] = ["method.name=block_expansion", "method.split=2", "method.cache_prefix=false"]
+
+
+def _weights(run_dir: Path) -> str:
+    """Combined sha256 of the tensors of the run's last checkpoint."""
+    from safetensors.torch import load_file
+
+    from retain.engine.rundir import combined_sha256, state_sha256
+
+    last = sorted((run_dir / "checkpoints").glob("task_*.safetensors"))[-1]
+    return combined_sha256(state_sha256(load_file(str(last))))
+
+
+def _case(res: dict, key: str, preset: str, over: list[str], tmp: str) -> None:
+    try:
+        rec = run(load_config(preset, over), log=lambda *_: None)
+        res[key] = rec["accuracy_matrix"]
+        res[f"{key}-params"] = rec["trainable_params"]
+        res[f"{key}-bytes"] = rec["bytes_per_task"]
+        res[f"{key}-weights"] = _weights(Path(tmp) / key)
+        if rec.get("retention_knn"):
+            res[f"{key}-knn"] = rec["retention_knn"]
+    except Exception as e:  # noqa: BLE001 - a failing case is part of the fingerprint
+        res[key] = f"error: {type(e).__name__}: {e}"
+    print(key, res[key], flush=True)
 
 
 def fingerprint(out: Path) -> None:
@@ -38,13 +68,12 @@ def fingerprint(out: Path) -> None:
                         "scenario.train_fraction=0.3", "scenario.test_fraction=0.5", "train.epochs=2",
                         "train.progress=false", "train.tensorboard=false", f"out_dir={tmp}", f"name={proto}-{case}",
                         "train.threads=1", *extra]  # fmt: skip
-                try:
-                    rec = run(load_config("demo/default", over), log=lambda *_: None)
-                    res[f"{proto}-{case}"] = rec["accuracy_matrix"]
-                    res[f"{proto}-{case}-params"] = rec["trainable_params"]
-                except Exception as e:  # noqa: BLE001 - a failing case is part of the fingerprint
-                    res[f"{proto}-{case}"] = f"error: {type(e).__name__}: {e}"
-                print(proto, case, res[f"{proto}-{case}"], flush=True)
+                _case(res, f"{proto}-{case}", "demo/default", over, tmp)
+        for case, extra in RETENTION.items():
+            over = ["scenario.train_fraction=0.3", "scenario.test_fraction=0.5", "train.steps=20", "train.lr=0.05",
+                    "data.retention.options={per_class: 10}", "train.progress=false", "train.tensorboard=false",
+                    f"out_dir={tmp}", f"name=finetune-{case}", "train.threads=1", *extra]  # fmt: skip
+            _case(res, f"finetune-{case}", "demo/retention", over, tmp)
     out.write_text(json.dumps(res, indent=1))
 
 

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from benchmarks.common import head_step, measure, parse_sized
 from retain.methods.ln_tuning import select_task
 from retain.models import create_backbone
-from retain.models.task_layernorm import PRETRAINED, inject_task_layernorm, use_task
+from retain.models.adapters import use_task
+from retain.models.task_layernorm import PRETRAINED, inject_task_layernorm
 
 SMALL = {"backbone": "vit_micro_patch4_32", "batch": 16, "tasks": 5, "rounds": 9, "warmup": 2}
 

@@ -20,7 +20,7 @@ copy, EWC's Fisher, LN tuning's first rows exist), then task 1 starts. Four comp
   state included), measured in a separate process (``benchmarks.common.peak_rss``: glibc's mmap threshold fixed at
   64 KiB, the kernel's high-water mark reset before the steps and read after). What the method holds before the
   step (frozen copies, Fisher, caches) is not in it. Ratio = method / plain (<= 1: no more memory).
-- **inference**: ``predict`` after ``evaluating()`` in eval mode (task id given in task-IL) against a plain forward
+- **inference**: ``predict`` inside ``deployed()`` in eval mode (task id given in task-IL) against a plain forward
   and a linear head over the seen classes, on a new batch each call (so no cache of LN tuning's queries hits).
   Ratio = plain time / method time.
 - **A/A control**: one plain step (and one plain forward) timed as two variants of the same session; its ratio would
@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,8 +109,7 @@ def start_task_1(cfg: RunConfig) -> tuple[Method, RunContext]:
     ctx = RunContext(cfg.train, CPU, seed=cfg.seed)
     fit_task(method, scenario.tasks[0], ctx)
     task = scenario.tasks[1]
-    method.make_loader = ctx.pass_loader
-    method.model.head.n_active = task.index + 1
+    method.model.set_seen(task.index + 1)
     method.before_task(task)
     return method, ctx
 
@@ -214,13 +214,16 @@ def predict_fn(name: str, batch: int, n_batches: int) -> tuple[Callable[[], None
     cfg = config(name, batch)
     method, _ = start_task_1(cfg)
     method.model.eval()
-    method.evaluating()
+    deployed = ExitStack()  # the method stays deployed while ``predict`` lives (it holds the stack)
+    deployed.enter_context(method.deployed())
     task_id = method.task.index if cfg.scenario.protocol == "task_il" else None
     stream = batches((batch, 3, 32, 32), n_batches)
 
     @torch.no_grad()
     def predict() -> None:
         method.predict(next(stream), task_id)
+
+    predict.deployed = deployed
 
     return predict, cfg.model.backbone
 

@@ -48,7 +48,7 @@ def _step(args: argparse.Namespace, extra: list[str]) -> Callable[[], None]:
     method.setup()
     fit_task(method, scenario.tasks[0], RunContext(cfg.train, torch.device("cpu")))
     task = scenario.tasks[1]
-    method.model.head.n_active = 2
+    method.model.set_seen(2)
     method.before_task(task)
     params = [p for p in method.model.parameters()]
     for p in params:

@@ -85,19 +85,17 @@ def run_variant(args: argparse.Namespace, name: str, shared: dict) -> dict:
     scenario, method = build_run(cfg, CPU)
     method.setup()
     ctx = RunContext(cfg.train, CPU, seed=cfg.seed)
-    method.make_loader = ctx.pass_loader
+    method.bind(ctx)
     r = cfg.data.retention
     if "retention" not in shared:
         train, test = retention_datasets(cfg, scenario.tasks[0].test.base)
         shared["retention"] = (_stratified(train, args.retention_fraction, 0), test)
-        method.evaluating()
-        shared["before"] = retention_accuracy(method, shared["retention"], r.k, r.temperature)
-        shared["check_x"] = torch.stack([test[i][0] for i in range(args.check_images)])  # (n, 3, 32, 32)
-        shared["check_f"] = method.features(shared["check_x"])
-        method.training()
-    method.evaluating()
-    same_start = torch.allclose(method.features(shared["check_x"]), shared["check_f"], atol=1e-5)
-    method.training()
+        with method.deployed():
+            shared["before"] = retention_accuracy(method, shared["retention"], r.k, r.temperature)
+            shared["check_x"] = torch.stack([test[i][0] for i in range(args.check_images)])  # (n, 3, 32, 32)
+            shared["check_f"] = method.features(shared["check_x"])
+    with method.deployed():
+        same_start = torch.allclose(method.features(shared["check_x"]), shared["check_f"], atol=1e-5)
     seconds, n_trained = fit_task(method, scenario.tasks[0], ctx)
     ev = evaluate(method, scenario, 0, ctx, shared["retention"], r.k, r.temperature)
     images = args.steps * args.batch_size

@@ -3,7 +3,7 @@
 Ratios are (reference time) / (our time), so >= 1 means ours is at least as fast. Each round times every variant once,
 in a rotating order; a round's ratio compares the two variants of a comparison, and the script prints the median
 over rounds (and the median times). "ours" is the method as the engine runs it (``Method.loss`` + backward + SGD
-step; ``predict`` after ``evaluating()``), built through ``build_method`` on the fine-tuning protocol.
+step; ``predict`` inside ``deployed()``), built through ``build_method`` on the fine-tuning protocol.
 
 Goals (issue 9): train steps >= 0.9 against a plain timm step with the same number of trainable parameters;
 merged-LoRA inference >= 0.98 against the plain model. The other rows are for information.
@@ -19,6 +19,7 @@ import argparse
 import copy
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -55,7 +56,7 @@ def method_step(method: Method, x: torch.Tensor, y: torch.Tensor, cached: bool =
     task = method.scenario.tasks[0]
     method.before_task(task)
     stage = method.stages(task)[0]
-    stage.extra["prefix_cached"] = cached
+    stage.loss = method.cached_prefix_loss if cached else None
     mark_trainable(method.model, stage.params)
     opt = sgd([p for p in method.model.parameters() if p.requires_grad])
     inputs = method.prefix_tokens(x).detach() if cached else x  # (B, L, D) or (B, 3, H, W)
@@ -138,21 +139,24 @@ def _block_cases(cases: dict, notes: list, backbone: str, kwargs: str, plain: nn
 
 
 def _inference(lora: Method, plain: nn.Module, x: torch.Tensor, deploy: bool) -> tuple[Callable[[], None], ...]:
-    """(LoRA predict, plain forward) in eval mode; ``deploy``: after ``evaluating()`` (q/k/v fused, B A merged)."""
+    """(LoRA predict, plain forward) in eval mode; ``deploy``: inside ``deployed()`` (q/k/v fused, B A merged)."""
     torch.manual_seed(1)
     with torch.no_grad():
         for n, p in lora.model.named_parameters():
             if ".lora_B." in n:
                 p.normal_(0.0, 0.02)  # a trained adapter: B != 0
     lora.model.eval()
+    deployed = ExitStack()  # with ``deploy``, the method stays deployed while ``merged`` lives (it holds the stack)
     if deploy:
-        lora.evaluating()
+        deployed.enter_context(lora.deployed())
     plain.eval()
     head = nn.Linear(plain.num_features, N_CLASSES)
 
     @torch.no_grad()
     def merged() -> None:
         lora.predict(x)
+
+    merged.deployed = deployed
 
     @torch.no_grad()
     def reference() -> None:

@@ -1,12 +1,14 @@
 """The exported model: one safetensors file holding what the tasks added to the pre-trained backbone, the class names
 and order, and the backbone (tag and sha256) it runs on. ``export_run`` writes it from a run directory; ``load``
-reads it back as a :class:`Predictor` (``retain export`` / ``retain predict``). Nothing is unpickled."""
+reads it back as a :class:`Predictor` (``retain export`` / ``retain predict``); a run with ``run.export_each_task``
+writes it after every task (``write_artefact``). Nothing is unpickled. It is the only artefact format."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +28,13 @@ from retain.engine.rundir import INIT_FILE, SCENARIO_FILE, RunDir, combined_sha2
 from retain.methods.base import Method
 from retain.models import data_config
 from retain.models.backbones import file_sha256, weights_file
+from retain.models.continual import head_prefix
 
-__all__ = ["FORMAT", "Prediction", "Predictor", "export_run", "load", "image_files"]
+__all__ = ["FORMAT", "ARTEFACT_FILE", "ImagePrediction", "Predictor", "export_run", "write_artefact", "load",
+           "image_files"]  # fmt: skip
 
 FORMAT = "retain-artefact-v1"
+ARTEFACT_FILE = "artefact.safetensors"  # what ``run.export_each_task`` writes in the run directory
 
 
 def _scenario(info: dict[str, Any]) -> Scenario:
@@ -50,7 +55,7 @@ def _rebuild(cfg: RunConfig, scenario: Scenario) -> tuple[Method, dict[str, str]
 
 def _ready(method: Method, scenario: Scenario, n_tasks: int) -> None:
     """Make the method predict as it did after its ``n_tasks``-th task."""
-    method.model.head.n_active = n_tasks
+    method.model.set_seen(n_tasks)
     method.resume(scenario.tasks[n_tasks - 1])
 
 
@@ -74,9 +79,8 @@ def _check_rebuilt(digests: dict[str, str], recorded: dict[str, str], run_dir: s
 def export_run(run_dir: str | Path, out: str | Path, weights: str | Path | None = None) -> dict[str, str]:
     """Write the artefact of the run in ``run_dir`` (its finished tasks) to ``out``; returns its metadata.
 
-    Kept: the tensors of ``Method.deployed_state()`` that differ from a freshly built model (heads, LN rows and
-    keys, BN snapshots and input means, LoRA matrices, inserted blocks; the whole backbone when it was fine-tuned).
-    ``weights`` replaces the run's ``model.weights`` (the backbone file on this machine).
+    ``weights`` replaces the run's ``model.weights`` (the backbone file on this machine). What is kept:
+    ``write_artefact``.
     """
     cfg, info, rundir = _read_run(Path(run_dir))
     state = rundir.load_state(info["protocol"])
@@ -87,14 +91,25 @@ def export_run(run_dir: str | Path, out: str | Path, weights: str | Path | None 
         cfg.model.weights = str(weights)
     n, scenario = state.finished_tasks, _scenario(info)
     method, digests = _rebuild(cfg, scenario)
-    _check_rebuilt(digests, json.loads((rundir.path / INIT_FILE).read_text()), run_dir)
-    fresh = {k: v.clone() for k, v in method.deployed_state().items()}
+    recorded = json.loads((rundir.path / INIT_FILE).read_text())
+    _check_rebuilt(digests, recorded, run_dir)
     method.load_checkpoint_state(rundir.load_checkpoint(state.checkpoint))
     _ready(method, scenario, n)
-    tensors = _added(method.deployed_state(), fresh, n, scenario.n_tasks)
+    return write_artefact(method, cfg, info, n, recorded, out)
+
+
+def write_artefact(method: Method, cfg: RunConfig, info: dict[str, Any], n: int, initial: dict[str, str],
+                   out: str | Path) -> dict[str, str]:  # fmt: skip
+    """Write the artefact of ``method`` after its ``n``-th task to ``out`` (atomically); returns its metadata.
+
+    Kept: the tensors of ``Method.deployed_state()`` whose sha256 differs from ``initial`` (the run's
+    ``init_sha256.json``: the model it started from): heads, LN rows and keys, BN snapshots and input means, LoRA
+    matrices, inserted blocks; the whole backbone when it was fine-tuned. ``info``: the run's ``scenario.json``.
+    """
+    tensors = _added(method.deployed_state(), initial, n, len(info["classes_per_task"]))
     file = weights_file(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights)
     meta = {"format": FORMAT, "method": cfg.method.name, "backbone": cfg.model.backbone,
-            "backbone_sha256": combined_sha256({k: v for k, v in digests.items() if k not in tensors}),
+            "backbone_sha256": combined_sha256({k: v for k, v in initial.items() if k not in tensors}),
             "backbone_file_sha256": file_sha256(file) if file else "", "tasks_trained": str(n),
             "tensors_sha256": combined_sha256(state_sha256(tensors)), "config": json.dumps(config_to_dict(cfg)),
             "scenario": json.dumps(info)}  # fmt: skip
@@ -102,12 +117,13 @@ def export_run(run_dir: str | Path, out: str | Path, weights: str | Path | None 
     return meta
 
 
-def _added(state: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], n: int,
+def _added(state: dict[str, torch.Tensor], initial: dict[str, str], n: int,
            n_tasks: int) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The tensors of ``state`` that differ from ``fresh``, without the heads of tasks not trained."""
-    untrained = tuple(f"head.heads.{t}." for t in range(n, n_tasks))
+    """The tensors of ``state`` whose sha256 differs from ``initial``'s, without the heads of tasks not trained."""
+    untrained = tuple(head_prefix(t) for t in range(n, n_tasks))
+    digests = state_sha256(state)
     return {k: v.detach().cpu().contiguous() for k, v in state.items()
-            if not k.startswith(untrained) and (k not in fresh or not torch.equal(v, fresh[k]))}  # fmt: skip
+            if not k.startswith(untrained) and digests[k] != initial.get(k)}  # fmt: skip
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], meta: dict[str, str], out: Path) -> None:
@@ -121,7 +137,7 @@ def _save_atomic(tensors: dict[str, torch.Tensor], meta: dict[str, str], out: Pa
 
 
 @dataclass
-class Prediction:
+class ImagePrediction:
     """One image's prediction: label (position in the class order), class name, and the task routed to (methods
     that route, else None)."""
 
@@ -154,7 +170,8 @@ class Predictor:
         self.cfg, self.scenario, self.method, self.n_tasks = cfg, scenario, method, n_tasks
         self.device = torch.device(device)
         method.to(self.device)
-        method.evaluating()
+        self._deployed = ExitStack()  # the method stays as deployed for the predictor's life
+        self._deployed.enter_context(method.deployed())
         method.model.eval()
         self.transform = build_transforms(cfg, data_config(probe_backbone(cfg)))[1]
 
@@ -170,9 +187,8 @@ class Predictor:
             raise ValueError(f"--task {task}: a task id applies to task-incremental runs, tasks 0..{self.n_tasks - 1}")
         amp = self.cfg.train.amp and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            out = self.method.predict(x.to(self.device), task)
-        logits, routed = out if isinstance(out, tuple) else (out, None)
-        logits = logits.float()
+            pred = self.method.predict(x.to(self.device), task)
+        logits, routed = pred.logits.float(), pred.task_ids
         if task is None:
             labels = logits[:, : self.scenario.seen_classes(self.n_tasks - 1)].argmax(1)
         else:
@@ -181,16 +197,16 @@ class Predictor:
         return labels.cpu(), None if routed is None else routed.cpu()
 
     def predict(self, images: Sequence[str | Path], task: int | None = None,
-                batch_size: int | None = None) -> list[Prediction]:  # fmt: skip
+                batch_size: int | None = None) -> list[ImagePrediction]:  # fmt: skip
         """Predictions for image files (or folders of them), in order."""
         files = image_files(images)
         data = ImageDataset(np.zeros(len(files)), ["?"], paths=files, transform=self.transform)
-        out: list[Prediction] = []
+        out: list[ImagePrediction] = []
         for x, _ in DataLoader(data, batch_size=batch_size or self.cfg.train.eval_batch_size):
             labels, routed = self.predict_tensor(x, task)
             for i, label in enumerate(labels.tolist()):
                 t = None if routed is None else int(routed[i])
-                out.append(Prediction(files[len(out)], label, self.class_names[label], t))
+                out.append(ImagePrediction(files[len(out)], label, self.class_names[label], t))
         return out
 
 

@@ -11,7 +11,6 @@ registered yet, the registry's provider module named by a string (``"retain.meth
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 import types
@@ -62,6 +61,9 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- choice sections
 
+# keys an earlier retain had, and what replaces them (named in the error instead of the list of valid keys)
+MOVED = {"export_path": "set run.export_each_task=true (runs/<name>/artefact.safetensors after every task), or "
+         "write one with `retain export RUN_DIR -o FILE`"}  # fmt: skip
 METHOD_CONFIGS = Registry("method", provider="retain.methods")  # method config dataclasses by method name
 
 _CHOICE = "retain.choice"  # dataclass field metadata key holding a ChoiceSection
@@ -236,6 +238,9 @@ class RunOptions:
     # mid-task checkpoints: at each epoch end (epoch), also every N optimiser steps (N) or every so often (10min, 1h),
     # or none (off: only the per-task checkpoints)
     checkpoint_every: int | str | bool | None = "epoch"
+    # after every task, also write the run's artefact (retain-artefact-v1, as `retain export`) to
+    # runs/<name>/artefact.safetensors, so a stopped run leaves a deployable model of its finished tasks
+    export_each_task: bool = False
 
     def __post_init__(self) -> None:
         checkpoint_interval(self.checkpoint_every)
@@ -340,6 +345,8 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(valid))
     if unknown:
         where = f"{prefix}." if prefix else ""
+        if unknown[0] in MOVED:
+            raise ConfigError(f"{where}{unknown[0]} is gone: {MOVED[unknown[0]]}")
         raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys here: {', '.join(valid)}")
     sections = {f.name: f.metadata[_CHOICE] for f in fields(cls) if _CHOICE in f.metadata}
     kwargs = {}
@@ -517,7 +524,3 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write ``cfg`` resolved, as YAML (the run's ``config.yaml``)."""
     with open(path, "w") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-
-
-def replace(cfg: Any, **changes: Any) -> Any:
-    return dataclasses.replace(cfg, **changes)

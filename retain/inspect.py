@@ -56,7 +56,7 @@ def inspect_config(cfg: RunConfig) -> dict:
     params = dict(model.named_parameters())
     per_task = []
     for task in (scenario.tasks[0], scenario.tasks[-1]):
-        model.head.n_active = task.index + 1
+        model.set_seen(task.index + 1)
         names = method.trained_names(task)
         per_task.append((sum(params[n].numel() for n in names), method.bytes_per_task(task)))
     backbone_params = sum(p.numel() for p in model.backbone.parameters())

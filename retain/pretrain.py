@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from retain.config import ConfigError, RunConfig, config_to_dict
-from retain.engine import build_run, run
+from retain.engine import train
 from retain.models.backbones import file_sha256 as sha256_of
 
 __all__ = ["pretrain", "export_backbone", "sha256_of"]
@@ -26,7 +26,7 @@ __all__ = ["pretrain", "export_backbone", "sha256_of"]
 def export_backbone(model, classifier: str, path: Path, dtype: torch.dtype = torch.float16) -> dict[str, int]:
     """Backbone + single-task head under timm's names (``<classifier>.weight``) as safetensors; returns sizes."""
     state = {k: v for k, v in model.backbone.state_dict().items()}
-    head = model.head.heads[0]
+    head = model.head.heads[0]  # the single task's
     state[f"{classifier}.weight"], state[f"{classifier}.bias"] = head.weight, head.bias
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(path), metadata={"format": "pt"})
@@ -39,12 +39,8 @@ def pretrain(cfg: RunConfig, export_dir: str | Path | None = None, fp16: bool = 
         raise ConfigError("a pretrain preset needs scenario.protocol=finetune and method.name=finetune")
     if cfg.scenario.order_seed is not None or cfg.scenario.class_order is not None:
         raise ConfigError("a pretrain preset needs scenario.order_seed=null (labels in the dataset's own order)")
-    record = run(cfg)
-    _, method = build_run(cfg)  # a fresh model, then the trained state from the final checkpoint
+    record, method = train(cfg)
     out_run = Path(cfg.out_dir) / cfg.name
-    from safetensors.torch import load_file
-
-    method.load_checkpoint_state(load_file(str(out_run / "checkpoints" / "task_000.safetensors")))
     arch = cfg.model.backbone.split(".")[0]
     tag = f"{arch}.retain_{cfg.data.name}"
     out = Path(export_dir) if export_dir is not None else out_run

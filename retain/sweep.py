@@ -18,34 +18,23 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retain import runindex
 from retain.config import ConfigError, RunConfig, choice_sections, load_config
+from retain.runindex import CONFIG_FILE, METRICS_FILE, STATE_FILE, STATUSES, SWEEP_FILE, SweepRun, read_index
 
 __all__ = ["SWEEP_FILE", "STATUSES", "Sweep", "SweepRun", "split_values", "parse_sweep", "plan_sweep", "describe",
            "run_sweep", "read_index", "run_status", "write_index"]  # fmt: skip
 
-SWEEP_FILE = "sweep.json"
-STATUSES = ("pending", "running", "interrupted", "failed", "finished")
 _NOT_SWEPT = ("name", "out_dir")  # one sweep folder, one name per run: chosen by the sweep
 _OPEN, _CLOSE = "[{(", "]})"
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 _MAX_NAME = 80
-
-
-@dataclass
-class SweepRun:
-    """One combination: its swept ``key=value`` overrides, its run name and where it stands."""
-
-    name: str
-    overrides: list[str]
-    status: str = "pending"
-    error: str | None = None
 
 
 @dataclass
@@ -187,23 +176,10 @@ def _config(preset: str | None, items: list[tuple[str, list[str]]], combo: dict[
         raise ConfigError(f"sweep run {where}: {e}" if where else str(e)) from None
 
 
-def read_index(sweep_dir: str | Path) -> dict[str, Any]:
-    """A sweep folder's ``sweep.json``; ValueError naming the file if it is not a sweep index."""
-    path = Path(sweep_dir) / SWEEP_FILE
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not readable JSON ({e.msg}); remove it to start the sweep's index anew") from None
-    runs = index.get("runs") if isinstance(index, dict) else None
-    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in runs):
-        raise ValueError(f"{path} is not a sweep index (no list of runs); remove it to start the index anew")
-    return index
-
-
 def _merge_index(sweep: Sweep) -> Sweep:
     """Keeps an existing index's runs (and their order) and appends this command's new ones; refuses another
     command's folder."""
-    if any((sweep.path / f).exists() for f in ("run_state.json", "metrics.json", "config.yaml")):
+    if any((sweep.path / f).exists() for f in (STATE_FILE, METRICS_FILE, CONFIG_FILE)):
         raise ConfigError(f"{sweep.path} holds a run, not a sweep; give the sweep another name=NEW_NAME")
     if not (sweep.path / SWEEP_FILE).exists():
         return sweep
@@ -228,20 +204,17 @@ def run_status(run_dir: str | Path) -> str:
     """``finished`` (every task in ``metrics.json``), ``interrupted`` (a run was started there) or ``pending``."""
     run_dir = Path(run_dir)
     try:
-        record = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        record = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
         if record.get("finished_tasks") == record.get("n_tasks"):
             return "finished"
     except (OSError, ValueError, AttributeError):
         pass
-    return "interrupted" if (run_dir / "run_state.json").exists() else "pending"
+    return "interrupted" if (run_dir / STATE_FILE).exists() else "pending"
 
 
 def write_index(sweep: Sweep) -> None:
     """``sweep.json``, replaced atomically."""
-    sweep.path.mkdir(parents=True, exist_ok=True)
-    tmp = sweep.path / f"{SWEEP_FILE}.tmp"
-    tmp.write_text(json.dumps(sweep.index(), indent=1), encoding="utf-8")
-    os.replace(tmp, sweep.path / SWEEP_FILE)
+    runindex.write_index(sweep.path, sweep.index())
 
 
 def run_sweep(sweep: Sweep, log: Callable[[str], Any] = print) -> list[SweepRun]:

@@ -11,6 +11,17 @@ SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 SHARED_DATA = SHARED / "data"
 
 
+# ConFiT's tiny setting: a CNN method, so a CIFAR ResNet-20 on 8x8 images, task-IL, plain SGD (``tiny(**CONFIT_CNN)``)
+CONFIT_CNN = {
+    "model.backbone": "cifar_resnet20",
+    "model.kwargs": "{}",
+    "data.image_size": "8",
+    "data.options": "{n_classes: 4, n_per_class: 8, n_test_per_class: 4, image_size: 8}",
+    "scenario.protocol": "task_il",
+    "train.momentum": "0.0",
+}
+
+
 def tiny_overrides(tmp_path: Path, **extra: str) -> list[str]:
     """A 2-task synthetic stream and a 1-block ViT: a whole run takes about a second."""
     base = {

@@ -9,10 +9,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import retain
+from retain.artefact import ARTEFACT_FILE
 from retain.cli import main
 from retain.config import load_config
 from retain.data import create_dataset
-from retain.engine import build_run, evaluation, run
+from retain.engine import build_run, evaluation, run, train
 from retain.methods import method_names
 from retain.models import create_backbone
 
@@ -78,6 +79,49 @@ def test_exported_artefact_predicts_what_the_run_evaluated(tiny, tmp_path, png_r
     assert accuracy == record["accuracy_matrix"][-1]
     assert (None in routed) == (method != "ln_tuning")  # LN tuning routes each image to a task
     assert meta["tasks_trained"] == "2" and json.loads(meta["scenario"])["class_names"] == scenario.class_names
+
+
+OWN = {
+    "ln_tuning": lambda n: n.startswith("head.heads.") or ".ln_" in n or n == "ln_keys",
+    "lora": lambda n: n.startswith("head.heads.") or ".lora_" in n,
+    "block_expansion": lambda n: n.startswith(("head.heads.", "backbone.blocks.1.tasks.")),
+}
+
+
+@pytest.mark.parametrize(("method", "protocol"), [("ln_tuning", "class_il"), ("lora", "task_il"),
+                                                  ("block_expansion", "task_il")])  # fmt: skip
+def test_per_task_artefact_after_each_task_holds_what_the_tasks_own_and_reloads(tiny, tmp_path, monkeypatch, method,
+                                                                                protocol):  # fmt: skip
+    """``run.export_each_task`` writes ``retain export``'s artefact after every task; it holds exactly the tensors
+    the tasks own (``Method.task_state``: bytes equal) and ``retain.load`` predicts bit-identically to the run."""
+    import retain.artefact
+
+    written, real = [], retain.artefact.write_artefact
+
+    def spy(method_, cfg, info, n, initial, out):
+        written.append(n)
+        return real(method_, cfg, info, n, initial, out)
+
+    monkeypatch.setattr(retain.artefact, "write_artefact", spy)
+    over = tiny(name=method, **{"method.name": method, "scenario.protocol": protocol, "train.lr": "0.1",
+                                "run.export_each_task": "true"})  # fmt: skip
+    _, trained = train(load_config(None, over), log=lambda *_: None)
+    assert written == [1, 2]
+    art, again = tmp_path / "runs" / method / ARTEFACT_FILE, tmp_path / "again.safetensors"
+    retain.export_run(tmp_path / "runs" / method, again)
+    tensors, exported = load_file(str(art)), load_file(str(again))
+    assert tensors.keys() == exported.keys() and all(torch.equal(tensors[k], exported[k]) for k in tensors)
+    assert tensors and all(OWN[method](n) for n in tensors)
+    stored = sum(v.numel() * v.element_size() for v in tensors.values())
+    assert stored == sum(trained.bytes_per_task(t) for t in trained.scenario.tasks)
+    predictor = retain.load(art)
+    x = torch.stack([trained.scenario.tasks[1].test[i][0] for i in range(3)])
+    trained.model.eval()
+    with trained.deployed():
+        for t in (0, 1) if protocol == "task_il" else (None,):
+            mine, theirs = trained.predict(x, t), predictor.method.predict(x, t)
+            assert torch.equal(mine.logits, theirs.logits)
+            assert (mine.task_ids is None and theirs.task_ids is None) or torch.equal(mine.task_ids, theirs.task_ids)
 
 
 def test_the_artefact_holds_only_what_the_tasks_added(tiny, tmp_path, png_root):

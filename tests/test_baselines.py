@@ -28,7 +28,7 @@ def test_lwf_distils_only_from_the_second_task(tiny):
     method.setup()
     x, y = next(iter(torch.utils.data.DataLoader(scenario.tasks[0].train, batch_size=4)))
     fit_task(method, scenario.tasks[0], ctx)
-    method.model.head.n_active = 2
+    method.model.set_seen(2)
     method.before_task(scenario.tasks[1])
     terms = method.loss((x, y + 2), None)
     assert set(terms) == {"ce", "kd"} and terms["kd"].item() > 0
@@ -61,7 +61,7 @@ def test_ewc_fisher_by_hand_and_penalty(tiny):
     assert fisher[name].sum() > 0
     ctx = RunContext(cfg.train, torch.device("cpu"))
     fit_task(method, scenario.tasks[0], ctx)
-    method.model.head.n_active = 2
+    method.model.set_seen(2)
     method.before_task(scenario.tasks[1])
     x, y = next(iter(torch.utils.data.DataLoader(scenario.tasks[1].train, batch_size=4)))
     assert method.loss((x, y), None)["ewc"].item() == 0.0  # no change yet: no penalty

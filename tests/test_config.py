@@ -181,3 +181,8 @@ def test_preset_file_floats(tmp_path):
     assert config_to_dict(from_dict(RunConfig, load_yaml((tmp_path / "config.yaml").read_text()))) == config_to_dict(
         cfg
     )
+
+
+def test_a_key_that_moved_names_its_replacement():
+    with pytest.raises(ConfigError, match=r"^method\.export_path is gone: set run\.export_each_task=true"):
+        load_config(None, ["method.name=lora", "method.export_path=x.safetensors"])

@@ -15,17 +15,9 @@ from retain.methods.confit import hierarchical_epochs
 from retain.models import create_backbone
 from retain.models.xconv_bn import InputMeanTracker, XconvBN, conv_bn_pairs, phase_map, recover_mean
 
-from conftest import interrupted_then_resumed
+from conftest import CONFIT_CNN, interrupted_then_resumed
 
-CNN = {
-    "model.backbone": "cifar_resnet20",
-    "model.kwargs": "{}",
-    "data.image_size": "8",
-    "data.options": "{n_classes: 4, n_per_class: 8, n_test_per_class: 4, image_size: 8}",
-    "scenario.protocol": "task_il",
-    "train.momentum": "0.0",
-    "method.name": "confit",
-}
+CNN = CONFIT_CNN | {"method.name": "confit"}
 
 
 def _direct_mean(conv: nn.Conv2d, mu: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -241,11 +233,15 @@ def test_old_task_gets_its_bn_state_and_the_current_task_is_left_unchanged(tiny)
     assert torch.equal(tracker.mean, tracker.saved[0])
     torch.testing.assert_close(bb.layer2[0].bn1.running_mean, recover_mean(bb.layer2[0].conv1, tracker.mean, (8, 8)))
     assert not torch.equal(bb.layer2[0].bn1.running_mean, saved[2]), "the old task's means should be recovered"
+    checkpoint = method.checkpoint_state()  # the current task's state, read without routing it back in
+    assert checkpoint.keys() == state.keys() and all(torch.equal(checkpoint[k], v) for k, v in state.items())
+    assert torch.equal(bb.layer2[0].bn1.weight, saved[0])  # no side effect: task 0's state is still in place
 
     evaluate(method, scenario, 1, ctx)  # task 0 then task 1: back at the current task's state
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
-    assert torch.equal(method.predict(x, 1), current_logits) and torch.equal(method.predict(x, None), current_logits)
+    assert torch.equal(method.predict(x, 1).logits, current_logits)
+    assert torch.equal(method.predict(x, None).logits, current_logits)
 
 
 def test_without_xconv_bn_and_hierarchy_confit_is_finetune(tiny):

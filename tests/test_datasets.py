@@ -16,8 +16,8 @@ import pytest
 import torch
 from sklearn.model_selection import train_test_split
 
-from retain.data import DATASETS, FASHION_MNIST_CLASSES, ImageDataset, build_transform, create_dataset
-from retain.data import datasets as ds_module
+from retain.data import DATASETS, FASHION_MNIST_CLASSES, ImageDataset, build_transform, create_dataset, readers
+from retain.data import cache as decode_cache
 from retain.data.datasets import default_cache_dir
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird"]
@@ -330,10 +330,10 @@ def test_integer_class_folders_in_cifar_folders_and_archives(tmp_path: Path) -> 
         np.testing.assert_array_equal(from_tar.images[5], np.asarray(img.convert("RGB")))
     # An archive cache written in the old text order is decoded again, not trusted.
     st = archive.stat()
-    npz = ds_module._npz_path(cache, "cifar10", "train", archive.resolve(), st.st_size, st.st_mtime_ns)
+    npz = decode_cache._npz_path(cache, "cifar10", "train", archive.resolve(), st.st_size, st.st_mtime_ns)
     assert npz.is_file()
     old_order = [0, 1, 4, 5, 2, 3]  # classes "1", "10", "2"
-    ds_module._save_npz(npz, from_tar.images[old_order], np.array([0, 0, 1, 1, 2, 2]), ["1", "10", "2"])
+    decode_cache._save_npz(npz, from_tar.images[old_order], np.array([0, 0, 1, 1, 2, 2]), ["1", "10", "2"])
     again = create_dataset("cifar10", "train", root=archive, cache_dir=cache)
     assert again.classes == ["1", "2", "10"]
     np.testing.assert_array_equal(again.images, from_tar.images)
@@ -395,11 +395,11 @@ def test_idx_rejects_bad_files(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.write_bytes(b"\x08\x03\x00\x00" + bytes(20))
     with pytest.raises(ValueError, match="not an idx file"):
-        ds_module._read_idx(bad, ndim=3)
+        readers._read_idx(bad, ndim=3)
     short = tmp_path / "short"
     short.write_bytes(_idx_bytes(np.zeros((2, 3, 3), np.uint8))[:-1])
     with pytest.raises(ValueError, match="bytes follow"):
-        ds_module._read_idx(short, ndim=3)
+        readers._read_idx(short, ndim=3)
 
 
 def test_fashion_mnist_real_files() -> None:

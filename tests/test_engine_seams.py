@@ -1,6 +1,7 @@
 """The engine's seams: stage budgets and positions, validation, accuracy views, run state, inspect == run."""
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from retain.engine.rundir import RunState
 from retain.features import weighted_knn_accuracy
 from retain.inspect import inspect_config
 from retain.methods import method_names
-from retain.methods.base import Method, MethodConfig
+from retain.methods.base import Method, MethodConfig, Prediction
 
 CPU = torch.device("cpu")
 
@@ -104,12 +105,12 @@ class _LogitsAreInputs(Method):
 
     def predict(self, x, task_id=None):
         self.calls.append(task_id)
-        return -x if (self.task_aware_predict and task_id is None) else x
+        return Prediction(-x if (self.task_aware_predict and task_id is None) else x)
 
-    def evaluating(self):
-        self.hooks.append("evaluating")
-
-    def training(self):
+    @contextmanager
+    def deployed(self):
+        self.hooks.append("deployed")
+        yield
         self.hooks.append("training")
 
 
@@ -129,7 +130,7 @@ def test_task_aware_and_task_agnostic_views_by_hand():
     # task 0: TAw right on samples 1, 2; TAg (argmax over 4) only on sample 2. Task 1: TAw both; TAg the second.
     assert ev.accuracy["taw"] == pytest.approx([200 / 3, 100.0]) and ev.accuracy["tag"] == pytest.approx([100 / 3, 50])
     assert ev.primary == ev.accuracy["taw"] and ev.task_id is None and ev.seconds > 0
-    assert method.hooks == ["evaluating", "training"] * 2 and set(method.calls) == {0, 1}
+    assert method.hooks == ["deployed", "training"] * 2 and set(method.calls) == {0, 1}
 
 
 def test_class_il_view_and_a_task_aware_predict_gets_a_second_pass():

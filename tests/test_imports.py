@@ -57,7 +57,18 @@ def test_public_names_resolve():
         retain.nope  # noqa: B018
 
 
-@pytest.mark.parametrize("module", ["retain/config.py", "retain/registry.py"])
+def test_reports_and_sweeps_import_without_torch_and_reports_without_sweeps():
+    out = _python(
+        "import sys, retain.report\n"
+        "print('retain.sweep' in sys.modules)\n"
+        "import retain.runindex, retain.sweep\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'retain.data', 'retain.engine') if m in sys.modules)\n"
+        "print(heavy)"
+    )
+    assert out.split() == ["False", "[]"]
+
+
+@pytest.mark.parametrize("module", ["retain/config.py", "retain/registry.py", "retain/runindex.py"])
 def test_config_layer_imports_only_stdlib_yaml_and_registry(module):
     allowed = set(sys.stdlib_module_names) | {"yaml", "retain", "retain.registry"}
     for node in ast.walk(ast.parse((ROOT / module).read_text())):  # functions included

@@ -3,7 +3,6 @@ merged inference equal to the un-merged model, per-task adapters, checkpoints, e
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from retain.config import ConfigError, load_config
@@ -37,11 +36,10 @@ def test_split_and_zero_b_compute_the_original_function(tiny):
     x = torch.randn(3, 3, 16, 16)  # (B, 3, H, W)
     method.model.eval()
     for t in (0, 1):
-        diff = (method.predict(x, t) - reference(x)).abs().max().item()  # peft's un-merged path (B = 0)
+        diff = (method.predict(x, t).logits - reference(x)).abs().max().item()  # peft's un-merged path (B = 0)
         assert diff < 1e-6, diff
-    method.evaluating()
-    assert (method.predict(x, 0) - reference(x)).abs().max().item() < 1e-6  # fused back into one linear
-    method.training()
+    with method.deployed():
+        assert (method.predict(x, 0).logits - reference(x)).abs().max().item() < 1e-6  # fused back into one linear
 
 
 def test_lora_sits_on_q_and_v_of_every_block_with_the_papers_settings(tiny):
@@ -74,16 +72,15 @@ def test_merged_inference_equals_the_unmerged_model_and_leaves_no_drift(tiny):
     _randomise_lora(method)
     x = torch.randn(5, 3, 16, 16)
     method.model.eval()
-    unmerged = method.predict(x)
+    unmerged = method.predict(x).logits
     feats = method.features(x)
     before = {k: v.clone() for k, v in method.model.state_dict().items()}
     for _ in range(3):  # several evaluations: merge and un-merge repeatedly
-        method.evaluating()
-        assert all(type(m.qkv) is nn.Linear for m in method.attentions)  # a plain timm ViT: no extra cost
-        assert not lora_layers(method.model)
-        torch.testing.assert_close(method.predict(x), unmerged, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(method.features(x), feats, rtol=1e-5, atol=1e-5)
-        method.training()
+        with method.deployed():
+            assert all(type(m.qkv) is nn.Linear for m in method.attentions)  # a plain timm ViT: no extra cost
+            assert not lora_layers(method.model)
+            torch.testing.assert_close(method.predict(x).logits, unmerged, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(method.features(x), feats, rtol=1e-5, atol=1e-5)
     assert all(isinstance(m.qkv, QKV) for m in method.attentions)
     after = method.model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
@@ -95,16 +92,15 @@ def test_task_il_keeps_each_tasks_adapter_and_routes_by_task_id(tiny):
     ctx = RunContext(cfg.train, CPU)
     x = torch.stack([scenario.tasks[0].test[i][0] for i in range(4)])
     fit_task(method, scenario.tasks[0], ctx)
-    after0 = method.predict(x, 0)
+    after0 = method.predict(x, 0).logits
     adapter0 = {k: v.clone() for k, v in method.model.state_dict().items() if ".task_0." in k}
     fit_task(method, scenario.tasks[1], ctx)
     assert method.task_aware_predict and adapter0
     assert all(torch.equal(method.model.state_dict()[k], v) for k, v in adapter0.items())
-    torch.testing.assert_close(method.predict(x, 0)[:, :2], after0[:, :2], rtol=0, atol=0)
-    method.evaluating()  # deployed: re-fused per task id
-    torch.testing.assert_close(method.predict(x, 0)[:, :2], after0[:, :2], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(method.predict(x, 1)[:, :2], after0[:, :2])
-    method.training()
+    torch.testing.assert_close(method.predict(x, 0).logits[:, :2], after0[:, :2], rtol=0, atol=0)
+    with method.deployed():  # re-fused per task id
+        torch.testing.assert_close(method.predict(x, 0).logits[:, :2], after0[:, :2], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(method.predict(x, 1).logits[:, :2], after0[:, :2])
     lora_values = 1 * 2 * 2 * 4 * 32  # 1 block x (q, v) x (A, B) x r x dim
     assert method.bytes_per_task(scenario.tasks[1]) == 4 * (lora_values + 2 * 32 + 2)
 
@@ -128,27 +124,6 @@ def test_resume_gives_the_uninterrupted_result(tiny, monkeypatch, protocol):
     full, resumed = interrupted_then_resumed(over, monkeypatch)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     assert resumed["trainable_params"] == full["trainable_params"]
-
-
-def test_export_holds_only_lora_matrices_and_heads_and_round_trips(tiny, tmp_path):
-    path = tmp_path / "lora.safetensors"
-    over = tiny(**{"method.name": "lora", "scenario.protocol": "task_il", "method.export_path": str(path),
-                   "train.lr": "0.1"})  # fmt: skip
-    cfg = load_config(None, over)
-    torch.manual_seed(0)
-    scenario, method = build_run(cfg, CPU)
-    ctx = RunContext(cfg.train, CPU)
-    for task in scenario.tasks:
-        fit_task(method, task, ctx)
-    saved = load_file(str(path))
-    assert all(".lora_" in k or k.startswith("head.heads.") for k in saved)
-    assert len([k for k in saved if ".lora_" in k]) == 2 * 1 * 2 * 2  # 2 tasks x 1 block x (q, v) x (A, B)
-    torch.manual_seed(0)
-    _, fresh = build_run(cfg, CPU)  # the same backbone (seeded), fresh adapters
-    fresh.load_export(path)
-    x = torch.stack([scenario.tasks[1].test[i][0] for i in range(3)])
-    for t in (0, 1):
-        torch.testing.assert_close(fresh.predict(x, t), method.predict(x, t), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("r, lora_values", [(4, 147_456), (8, 294_912), (16, 589_824)])

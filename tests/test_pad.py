@@ -142,7 +142,7 @@ def test_every_distillation_term_reaches_the_current_blocks(tiny, variant, asymm
     cfg, scenario, method = _pad(tiny, **{"method.variant": variant, "method.asymmetric": asymmetric})
     fit_task(method, scenario.tasks[0], RunContext(cfg.train, CPU))
     task = scenario.tasks[1]
-    method.model.head.n_active = 2
+    method.model.set_seen(2)
     method.before_task(task)
     with torch.no_grad():  # move the current model away from the frozen copy, so that the terms are not at 0
         for p in method.model.backbone.blocks.parameters():
@@ -172,7 +172,7 @@ def test_pad_with_mu_zero_is_lwf_bit_for_bit(tiny):
 def test_validation_loss_is_ce_plus_kd_as_facil(tiny):
     cfg, scenario, method = _pad(tiny)
     fit_task(method, scenario.tasks[0], RunContext(cfg.train, CPU))
-    method.model.head.n_active = 2
+    method.model.set_seen(2)
     method.before_task(scenario.tasks[1])
     x, y = next(iter(torch.utils.data.DataLoader(scenario.tasks[1].train, batch_size=8)))
     method.model.eval()

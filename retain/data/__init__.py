@@ -4,7 +4,6 @@ from retain.data import imagenet32 as _imagenet32  # noqa: F401  (registers imag
 from retain.data import samples as _samples  # noqa: F401  (registers cifar10_sample)
 from retain.data.datasets import (
     DATASETS,
-    FASHION_MNIST_CLASSES,
     IMAGE_EXTENSIONS,
     ImageDataset,
     UnreadableImageError,
@@ -13,6 +12,7 @@ from retain.data.datasets import (
     default_cache_dir,
     read_image,
 )
+from retain.data.readers import FASHION_MNIST_CLASSES  # registers cifar10, imagefolder, fashion_mnist, ...
 from retain.data.transforms import AUGMENTS, INTERPOLATIONS, RESIZES, build_transform
 
 __all__ = [

@@ -7,12 +7,12 @@ from retain.engine.build import build_datasets, build_method, build_model, build
 from retain.engine.checkpoint import Checkpointer, MidTask, read_midtask
 from retain.engine.context import NonFiniteLoss, RunContext, RunError, RunInterrupted
 from retain.engine.evaluation import VIEWS, Evaluation, evaluate, primary_view, retention_accuracy
-from retain.engine.loop import fit_task, run
+from retain.engine.loop import fit_task, run, train
 from retain.engine.rundir import RunDir, RunState, metrics_record
 from retain.engine.schedules import Schedule, build_schedule
 from retain.engine.stages import Position, StageLoop, build_optimizer, fit_stage
 
-__all__ = ["run", "fit_task", "fit_stage", "evaluate", "build_run", "build_model", "build_method",
+__all__ = ["run", "train", "fit_task", "fit_stage", "evaluate", "build_run", "build_model", "build_method",
            "build_datasets", "build_optimizer", "build_schedule", "seed_everything", "resolve_device", "RunContext",
            "RunError", "RunInterrupted", "NonFiniteLoss", "Checkpointer", "MidTask", "read_midtask", "RunDir",
            "RunState", "metrics_record", "StageLoop", "Position", "Schedule", "Evaluation", "VIEWS", "primary_view",

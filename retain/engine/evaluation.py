@@ -69,10 +69,6 @@ class _Counts:
         return 100.0 * self.correct.get(view, 0) / max(self.total.get(view, 0), 1)
 
 
-def _split(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return out if isinstance(out, tuple) else (out, None)
-
-
 @torch.no_grad()
 def _evaluate_task(method: Method, task: Task, n_seen: int, protocol: str, ctx: RunContext,
                    task_of: torch.Tensor, tid: _Counts) -> _Counts:  # fmt: skip
@@ -84,8 +80,8 @@ def _evaluate_task(method: Method, task: Task, n_seen: int, protocol: str, ctx: 
     for x, y in ctx.eval_loader(task.test):
         x, y = x.to(ctx.device), y.to(ctx.device)
         with ctx.autocast:
-            logits, task_pred = _split(method.predict(x, task.index if task_il else None))
-        logits = logits.float()  # (B, C)
+            pred = method.predict(x, task.index if task_il else None)
+        logits, task_pred = pred.logits.float(), pred.task_ids  # (B, C), (B,) or None
         if task_il:
             counts.add("taw", logits[:, lo:hi].argmax(1) + lo, y)
         if not separate_tag:
@@ -96,8 +92,9 @@ def _evaluate_task(method: Method, task: Task, n_seen: int, protocol: str, ctx: 
         for x, y in ctx.eval_loader(task.test):
             x, y = x.to(ctx.device), y.to(ctx.device)
             with ctx.autocast:
-                logits, task_pred = _split(method.predict(x, None))
-            counts.add("tag", logits.float()[:, :n_seen].argmax(1), y)
+                pred = method.predict(x, None)
+            logits, task_pred = pred.logits.float(), pred.task_ids
+            counts.add("tag", logits[:, :n_seen].argmax(1), y)
             if task_pred is not None:
                 tid.add("task_id", task_pred, task_of[y])
     return counts
@@ -109,17 +106,15 @@ def evaluate(method: Method, scenario: Scenario, upto: int, ctx: RunContext,
              temperature: float = 0.07) -> Evaluation:  # fmt: skip
     """Every view on tasks 0..upto after training task ``upto``; retention k-NN when ``retention`` is given.
 
-    Bracketed by the method's ``evaluating()`` / ``training()`` hooks; extra passes use the engine's loaders.
+    Runs inside ``method.deployed()``; extra passes use the engine's loaders (``method.bind(ctx)``).
     """
     start = time.perf_counter()
-    method.make_loader = ctx.pass_loader
-    method.evaluating()
-    try:
+    if method.ctx is not ctx:
+        method.bind(ctx)
+    with method.deployed():
         result = _evaluate(method, scenario, upto, ctx)
         if retention is not None:
             result.retention = retention_accuracy(method, retention, k, temperature)
-    finally:
-        method.training()
     result.seconds = time.perf_counter() - start
     return result
 

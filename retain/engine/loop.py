@@ -4,6 +4,7 @@ task; inside a task, mid-task checkpoints (``checkpoint``) let it continue from 
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -17,12 +18,12 @@ from retain.engine.build import build_run, resolve_device, retention_datasets, s
 from retain.engine.checkpoint import Checkpointer, MidTask, clear_midtask, read_midtask, stop_on_interrupt
 from retain.engine.context import NonFiniteLoss, RunContext, RunError, RunInterrupted
 from retain.engine.evaluation import Evaluation, evaluate, primary_view, retention_accuracy
-from retain.engine.rundir import STATE_FILE, RunDir, RunState, metrics_record, state_sha256
+from retain.engine.rundir import INIT_FILE, SCENARIO_FILE, STATE_FILE, RunDir, RunState, metrics_record, state_sha256
 from retain.engine.stages import StageLoop
 from retain.methods.base import Method
 from retain.models.adapters import mark_trainable
 
-__all__ = ["run", "fit_task"]
+__all__ = ["run", "train", "fit_task"]
 
 
 def fit_task(method: Method, task: Task, ctx: RunContext, saver: Checkpointer | None = None,
@@ -33,8 +34,9 @@ def fit_task(method: Method, task: Task, ctx: RunContext, saver: Checkpointer | 
     the task started from, then the saved tensors replace the method's and the saved stage continues where it stood.
     """
     start = time.perf_counter() - (resume.task_seconds if resume is not None else 0.0)
-    method.make_loader = ctx.pass_loader
-    method.model.head.n_active = task.index + 1
+    if method.ctx is not ctx:
+        method.bind(ctx)
+    method.model.set_seen(task.index + 1)
     method.before_task(task)
     stages = method.stages(task)
     first = 0 if resume is None else resume.stage
@@ -67,9 +69,15 @@ def run(cfg: RunConfig, resume: bool = False, log=print) -> dict:
     """Train ``cfg.method`` over the scenario, evaluating after each task; returns the metrics record.
 
     Writes ``runs/<name>/{config.yaml, scenario.json, init_sha256.json, metrics.json, run_state.json, checkpoints/,
-    tb/}``. With ``resume``, continues from the newest complete checkpoint (mid-task, else after the last finished
-    task). Launched by ``torchrun`` (``retain.distributed``), every process runs this; rank 0 alone writes and logs.
+    tb/}`` (and ``artefact.safetensors`` with ``run.export_each_task``). With ``resume``, continues from the newest
+    complete checkpoint (mid-task, else after the last finished task). Launched by ``torchrun``
+    (``retain.distributed``), every process runs this; rank 0 alone writes and logs.
     """
+    return train(cfg, resume, log)[0]
+
+
+def train(cfg: RunConfig, resume: bool = False, log=print) -> tuple[dict, Method]:
+    """``run``, returning the metrics record and the trained method (as after its last task)."""
     with distributed.session(cfg.train.device):
         try:
             return _run(cfg, resume, log if distributed.is_main() else _silent)
@@ -86,7 +94,7 @@ def _silent(*args, **kwargs) -> None:
     """The log of a process other than rank 0."""
 
 
-def _run(cfg: RunConfig, resume: bool, log) -> dict:
+def _run(cfg: RunConfig, resume: bool, log) -> tuple[dict, Method]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     plan = distributed.batch_plan(cfg.train)  # a global batch the processes cannot split: refused before any write
@@ -106,13 +114,12 @@ def _run(cfg: RunConfig, resume: bool, log) -> dict:
     distributed.barrier()  # every process has read the run directory before rank 0 writes to it again
     mid = _midtask(out, state, found, log)
     ctx = RunContext(cfg.train, device, _open_writer(cfg, out), step=mid.step if mid else state.step, seed=cfg.seed)
+    method.bind(ctx)
     r = cfg.data.retention
     retention = retention_datasets(cfg, scenario.tasks[0].test.base)
     if retention is not None and not state.retention:  # the pre-trained backbone's score comes first
-        method.make_loader = ctx.pass_loader
-        method.evaluating()
-        state.retention.append(retention_accuracy(method, retention, r.k, r.temperature))
-        method.training()
+        with method.deployed():
+            state.retention.append(retention_accuracy(method, retention, r.k, r.temperature))
     out.save_state(state)  # from now on the directory holds a run
     saver = Checkpointer(cfg, out.path, method, ctx)
     try:
@@ -129,7 +136,7 @@ def _run(cfg: RunConfig, resume: bool, log) -> dict:
             ctx.writer.close()
     record = metrics_record(cfg, scenario.class_order, scenario.n_tasks, state)
     out.write_metrics(record)
-    return record
+    return record, method
 
 
 def _run_task(cfg: RunConfig, method: Method, scenario: Scenario, task: Task, ctx: RunContext, saver: Checkpointer,
@@ -143,12 +150,22 @@ def _run_task(cfg: RunConfig, method: Method, scenario: Scenario, task: Task, ct
     state.step = ctx.step
     if cfg.checkpoint:
         state.checkpoint = out.save_checkpoint(method.checkpoint_state(), task.index, method.name)
+    if cfg.run.export_each_task and out.main:
+        _export(cfg, method, out, task.index + 1)
     out.save_state(state)
     clear_midtask(out.path)
     out.write_metrics(metrics_record(cfg, scenario.class_order, scenario.n_tasks, state))
     _log_task(ctx, task, ev, seconds, cfg.name, scenario.n_tasks, log)
     if saver.stop_agreed():
         raise RunInterrupted(f"stopped after task {task.index + 1}/{scenario.n_tasks}, which is saved in {out.path}")
+
+
+def _export(cfg: RunConfig, method: Method, out: RunDir, n: int) -> None:
+    """``run.export_each_task``: the artefact of the tasks finished so far, as ``retain export`` writes it."""
+    from retain.artefact import ARTEFACT_FILE, write_artefact  # (the artefact module builds on the engine)
+
+    info, initial = (json.loads((out.path / name).read_text()) for name in (SCENARIO_FILE, INIT_FILE))
+    write_artefact(method, cfg, info, n, initial, out.path / ARTEFACT_FILE)
 
 
 def _log_task(ctx: RunContext, task: Task, ev: Evaluation, seconds: float, name: str, n_tasks: int, log) -> None:
@@ -171,7 +188,7 @@ def _resume(method: Method, scenario: Scenario, state: RunState, out: RunDir, lo
         raise RunError(f"--resume: {out.path} has finished tasks but no checkpoint (checkpoint=false was set); "
                        "start a new run with another name=...")  # fmt: skip
     method.load_checkpoint_state(out.load_checkpoint(state.checkpoint, method.device))
-    method.model.head.n_active = done
+    method.model.set_seen(done)
     method.resume(scenario.tasks[done - 1])
     log(f"[resume] {done} finished task(s) loaded from {out.path / state.checkpoint}")
 

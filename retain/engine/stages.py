@@ -24,7 +24,13 @@ from retain.engine.schedules import Schedule, build_schedule
 from retain.methods.base import Method, Stage
 from retain.models.adapters import mark_trainable
 
-__all__ = ["StageLoop", "Position", "build_optimizer", "fit_stage", "rng_state", "set_rng_state", "global_batch"]
+__all__ = ["StageLoop", "Position", "build_optimizer", "fit_stage", "rng_state", "set_rng_state", "global_batch",
+           "stage_loss"]  # fmt: skip
+
+
+def stage_loss(method: Method, stage: Stage, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loss terms of one batch: the stage's own ``Stage.loss``, else ``method.loss(batch, stage)``."""
+    return stage.loss(batch) if stage.loss is not None else method.loss(batch, stage)
 
 
 def build_optimizer(params: list[nn.Parameter], train: TrainConfig, stage: Stage) -> torch.optim.Optimizer:
@@ -61,7 +67,7 @@ class _Step(nn.Module):
         self.method, self.stage = method, stage  # plain attributes: a Method is not a Module
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.method.loss((x, y), self.stage)
+        return stage_loss(self.method, self.stage, (x, y))
 
 
 def _wrap(step: _Step, stage: Stage, device: torch.device) -> DistributedDataParallel | None:
@@ -125,9 +131,10 @@ class StageLoop:
         if not self.active:
             return
         data = stage.data() if callable(stage.data) else stage.data
-        val = task.val if stage.data is None else None  # only a stage on the task's own images is validated
+        validate = stage.data is None if stage.validate is None else stage.validate
+        val = task.val if validate else None  # by default only a stage on the task's own images is validated
         self.validation = val if val is not None and len(val) > 0 else None
-        data = method.train_dataset(task) if data is None else data
+        data = task.train if data is None else data
         # each stage of each task shuffles differently, reproducibly
         self.generator = torch.Generator().manual_seed(ctx.seed + 1000 * task.index + index)
         self.n_samples, self.batch_size = len(data), global_batch(ctx.train, stage)
@@ -202,7 +209,7 @@ class StageLoop:
         for x, y in batches:
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             with ctx.autocast:
-                terms = self.method.loss((x, y), stage) if self._forward is None else self._forward(x, y)
+                terms = stage_loss(self.method, stage, (x, y)) if self._forward is None else self._forward(x, y)
             loss, share = sum(terms.values()), self._share(len(y))
             if share != 1.0:
                 loss = loss * share
@@ -266,7 +273,7 @@ class StageLoop:
         for x, y in self.ctx.eval_loader(self.validation):
             x, y = x.to(self.ctx.device), y.to(self.ctx.device)
             with self.ctx.autocast:
-                loss = sum(self.method.loss((x, y), self.stage).values())
+                loss = sum(stage_loss(self.method, self.stage, (x, y)).values())
             total, count = total + loss.item() * len(y), count + len(y)
         model.train()
         if distributed.active():  # every process's shard, summed: all take the same schedule decision

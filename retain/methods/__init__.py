@@ -17,15 +17,20 @@ from retain.methods import (  # noqa: F401  (fill the registry)
     pad,
     simplecil,
 )
-from retain.methods.base import METHODS, ContinualModel, Method, MethodConfig, Stage, mark_trainable, register_method
+from retain.methods.base import (
+    METHODS,
+    ContinualModel,
+    Method,
+    MethodConfig,
+    Prediction,
+    Stage,
+    mark_trainable,
+    register_method,
+)
+from retain.methods.per_task import PerTaskMethod
 
-__all__ = ["METHODS", "Method", "MethodConfig", "Stage", "ContinualModel", "register_method", "mark_trainable",
-           "method_config_class", "method_names"]  # fmt: skip
-
-
-def method_config_class(name: str) -> type[MethodConfig]:
-    """The config dataclass of the method registered as ``name``."""
-    return METHODS.get(name).config_class
+__all__ = ["METHODS", "Method", "MethodConfig", "Stage", "Prediction", "ContinualModel", "PerTaskMethod",
+           "register_method", "mark_trainable", "method_names"]  # fmt: skip
 
 
 def method_names() -> list[str]:

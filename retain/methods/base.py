@@ -1,37 +1,47 @@
-"""The method lifecycle. The engine owns the loop and the optimiser step; a method contributes hooks:
+"""The method contract. The engine owns the loop and the optimiser step; a method contributes hooks:
 
-``setup()`` once, ``before_task(task)``, ``stages(task)`` (what to train, for how long, with which optimiser),
-``loss(batch, stage) -> {name: tensor}`` (summed by the engine, each term logged), ``after_task(task)``,
-``predict(x, task_id)`` where inference differs from ``model(x)``, ``features(x)`` for the retention probe, and
-the ``evaluating()`` / ``training()`` pair around every evaluation. Extra passes over data (Fisher, prototypes,
-keys, caches) go through ``self.loader(data)``, which the engine provides. ``checkpoint_state()`` /
-``load_checkpoint_state()`` / ``resume()`` save and restore it; ``deployed_state()`` is what an export keeps.
+- ``bind(ctx)``: the run context, stored once per run (extra passes over data go through ``self.loader(data)``);
+- ``setup()`` once, ``before_task(task)``, ``stages(task)`` (what to train, for how long, with which optimiser and
+  loss), ``loss(batch, stage) -> {name: tensor}`` (a stage may bring its own ``Stage.loss``; the engine sums the
+  terms and logs each), ``after_task(task)``;
+- ``predict(x, task_id) -> Prediction`` and ``features(x)`` (the retention probe), both run inside
+  ``with deployed():`` (the model as deployed, e.g. adapters merged; training resumes from the state on exit);
+- what it stores: ``checkpoint_state()`` / ``load_checkpoint_state()`` / ``resume()`` (a run continues from them),
+  ``deployed_state()`` (what an artefact keeps, ``retain.artefact``) and ``task_state(task)`` (what task t alone
+  owns; ``bytes_per_task`` is its size).
+
+Methods whose tasks own parameters chosen by task id (LN tuning, LoRA, Block Expansion) share
+``retain.methods.per_task.PerTaskMethod``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from retain import distributed
 from retain.config import METHOD_CONFIGS, config_name
 from retain.data.scenarios import Scenario, Task
 from retain.features import extract_features
 from retain.models.adapters import mark_trainable, trainable_names
-from retain.models.continual import ContinualModel
+from retain.models.continual import ContinualModel, head_prefix
 from retain.registry import Registry
+
+if TYPE_CHECKING:
+    from retain.engine.context import RunContext
 
 __all__ = [
     "MethodConfig",
     "Method",
     "Stage",
+    "Prediction",
+    "Batch",
     "ContinualModel",
     "METHODS",
     "register_method",
@@ -40,6 +50,7 @@ __all__ = [
 ]  # fmt: skip  (ContinualModel, mark_trainable, trainable_names: re-exported from models)
 
 METHODS = Registry("method")
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs (B, ...), labels (B,))
 
 
 def register_method(cls: type[Method] | str | None = None, /) -> Any:
@@ -80,13 +91,14 @@ class MethodConfig:
 
 @dataclass
 class Stage:
-    """One phase of training a task: which parameters, for how long, optimiser overrides, optional data.
+    """One phase of training a task: which parameters, for how long, optimiser overrides, optional data and loss.
 
     The budget is ``steps`` optimiser steps when set, else ``epochs`` passes over the data. ``data`` may be a
     dataset or a zero-argument callable building one when the stage starts (e.g. features that depend on what
     the stage before trained; never on what this stage trains: a stage resumed mid-way rebuilds it from the saved
-    weights); None means ``method.train_dataset(task)``, and only then is the task's validation split (if any)
-    evaluated after each epoch.
+    weights); None means the task's training images. ``validate``: evaluate the task's validation split (if any)
+    after each epoch (None: only when ``data`` is None). ``loss``: this stage's ``batch -> {name: tensor}`` (None:
+    ``method.loss(batch, stage)``).
     """
 
     name: str
@@ -98,11 +110,22 @@ class Stage:
     data: Dataset | Callable[[], Dataset] | None = None
     batch_size: int | None = None
     steps: int | None = None
+    loss: Callable[[Batch], dict[str, torch.Tensor]] | None = None
+    validate: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def has_budget(self) -> bool:
         return (self.steps if self.steps is not None else self.epochs) > 0
+
+
+@dataclass
+class Prediction:
+    """What ``Method.predict`` returns: logits (B, C) over every scenario label (unseen classes masked), and the
+    task each sample was routed to (B,) by methods that select a task at test time (None otherwise)."""
+
+    logits: torch.Tensor
+    task_ids: torch.Tensor | None = None
 
 
 class Method:
@@ -116,7 +139,11 @@ class Method:
         self.cfg, self.model, self.scenario, self.train_cfg = cfg, model, scenario, train_cfg
         self.task: Task | None = None
         self.device = torch.device("cpu")
-        self.make_loader: Callable[[Dataset, int], DataLoader] | None = None  # set by the engine
+        self.ctx: RunContext | None = None  # ``bind``
+
+    def bind(self, ctx: RunContext) -> None:
+        """Called by the engine with the run's context before the method's first pass over data in a run."""
+        self.ctx = ctx
 
     def to(self, device: torch.device | str) -> Method:
         """Move the model and every other module the method holds (frozen copies, query models) to ``device``."""
@@ -136,7 +163,7 @@ class Method:
         self.task = task
 
     def trainable_prefixes(self, task: Task) -> list[str]:
-        return ["backbone.", f"head.heads.{task.index}."]
+        return ["backbone.", head_prefix(task.index)]
 
     def stages(self, task: Task) -> list[Stage]:
         return [Stage("train", self.train_cfg.epochs, self.trainable_prefixes(task), steps=self.train_cfg.steps)]
@@ -148,59 +175,45 @@ class Method:
             names |= set(trainable_names(self.model, stage.params)) if stage.has_budget else set()
         return [n for n, _ in self.model.named_parameters() if n in names]
 
-    def train_dataset(self, task: Task) -> Dataset:
-        return task.train
-
-    def forward_train(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], stage: Stage) -> dict[str, torch.Tensor]:
+    def loss(self, batch: Batch, stage: Stage) -> dict[str, torch.Tensor]:
         x, y = batch
-        logits = self.mask_logits(self.forward_train(x), y)  # (B, C)
-        return {"ce": F.cross_entropy(logits, y, label_smoothing=self.train_cfg.label_smoothing)}
+        logits = self.mask_logits(self.model(x), y)  # (B, C)
+        return {"ce": self.ce(logits, y)}
+
+    def ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with the run's label smoothing."""
+        return F.cross_entropy(logits, y, label_smoothing=self.train_cfg.label_smoothing)
 
     def after_task(self, task: Task) -> None:
         """Called after the task's stages; snapshot what later tasks need."""
-
-    def export_after_task(self) -> None:
-        """``export`` to ``cfg.export_path`` when one is set (methods with an artefact call this from ``after_task``):
-        through a temporary file, so an interrupted run never leaves half a file, and by one process (rank 0)."""
-        path = getattr(self.cfg, "export_path", None)
-        if not path or not distributed.is_main():
-            return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        self.export(tmp)
-        tmp.replace(path)
 
     def resume(self, last_task: Task) -> None:
         """Called after a checkpoint of ``last_task`` was loaded; rebuild any state not held in tensors."""
         self.task = last_task
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, task_id: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits over all scenario labels (unseen masked); optionally also predicted task ids (B,)."""
-        return self.model(x)
+    def predict(self, x: torch.Tensor, task_id: int | None = None) -> Prediction:
+        """Logits over all scenario labels (unseen masked); ``task_id``: the task is known (task-incremental)."""
+        return Prediction(self.model(x))
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) backbone features as deployed (routing, merged adapters): what the retention k-NN probes."""
         return self.model.features(x)
 
-    def evaluating(self) -> None:
-        """Called before every evaluation (e.g. merge adapters into the weights)."""
-
-    def training(self) -> None:
-        """Called after every evaluation, before training may continue (e.g. unmerge, restore the current state)."""
+    @contextmanager
+    def deployed(self) -> Iterator[None]:
+        """The method as deployed for the duration of a ``with`` block (every evaluation, the retention probe, a
+        loaded artefact): e.g. adapters merged into the weights. On exit, the state training continues from."""
+        yield
 
     # ---- extra passes over data -----------------------------------------------------------------------------------
     def loader(self, data: Dataset, batch_size: int | None = None) -> DataLoader:
         """An in-order loader for a pass that is not training (Fisher, prototypes, keys, caches); built by the
         engine when it runs the method, so multi-process runs can shard it."""
         batch_size = batch_size or self.train_cfg.eval_batch_size
-        if self.make_loader is not None:
-            return self.make_loader(data, batch_size)
+        if self.ctx is not None:
+            return self.ctx.pass_loader(data, batch_size)
         return DataLoader(data, batch_size=batch_size, shuffle=False)
 
     @torch.no_grad()
@@ -218,7 +231,7 @@ class Method:
     @staticmethod
     def seen_heads(task: Task) -> list[str]:
         """Prefixes of the heads of tasks 0..task (the ones a seen-class CE gives gradients to)."""
-        return [f"head.heads.{i}." for i in range(task.index + 1)]
+        return [head_prefix(i) for i in range(task.index + 1)]
 
     def mask_logits(self, logits: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Restrict the training CE to the classes ``cfg.train_mask`` names (labels outside get -inf).
@@ -261,11 +274,16 @@ class Method:
         self.model.load_state_dict(state, strict=False)
 
     def deployed_state(self) -> dict[str, torch.Tensor]:
-        """The model tensors prediction needs: ``checkpoint_state()`` less what only training uses (an export keeps
+        """The model tensors prediction needs: ``checkpoint_state()`` less what only training uses (an artefact keeps
         those that differ from a freshly built model)."""
         own = self.model.state_dict()
         return {k: v for k, v in self.checkpoint_state().items() if k in own}
 
+    def task_state(self, task: Task) -> dict[str, torch.Tensor]:
+        """The tensors, or row slices of tensors, that ``task`` alone owns in the deployed model, by name (default:
+        its head). Tensors every task shares and overwrites belong to the model, not to a task."""
+        return {n: p for n, p in self.model.named_parameters() if n.startswith(head_prefix(task.index))}
+
     def bytes_per_task(self, task: Task) -> int:
-        """Bytes a deployment keeps for this task on top of the shared model (default: the task's head rows)."""
-        return sum(p.numel() * p.element_size() for p in self.model.head.heads[task.index].parameters())
+        """Bytes a deployment keeps for ``task`` on top of the shared model: the size of ``task_state(task)``."""
+        return sum(v.numel() * v.element_size() for v in self.task_state(task).values())

@@ -10,6 +10,8 @@ task is evaluated, recomputes that task's BN means through the current convs. No
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,8 @@ import torch
 from torch import nn
 
 from retain.data.scenarios import Scenario, Task
-from retain.methods.base import ContinualModel, Method, MethodConfig, Stage, register_method
+from retain.methods.base import ContinualModel, Method, MethodConfig, Prediction, Stage, register_method
+from retain.models.continual import head_prefix
 from retain.models.xconv_bn import XconvBN
 
 __all__ = ["ConFiTConfig", "ConFiT", "hierarchical_epochs"]
@@ -71,7 +74,7 @@ class ConFiT(Method):
     # ---- what is trained ------------------------------------------------------------------------------------------
     def head_prefixes(self, task: Task) -> list[str]:
         """The task's own head in task-IL (a shared head sliced to the task); the seen heads otherwise."""
-        return [f"head.heads.{task.index}."] if self.scenario.protocol == "task_il" else self.seen_heads(task)
+        return [head_prefix(task.index)] if self.scenario.protocol == "task_il" else self.seen_heads(task)
 
     def bn_prefixes(self) -> list[str]:
         """Parameter prefixes of every BatchNorm2d of the backbone (their affine weight and bias)."""
@@ -99,7 +102,7 @@ class ConFiT(Method):
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def before_task(self, task: Task) -> None:
-        self.set_task(None)  # train on from the previous task's state, whatever was evaluated last
+        self.route(None)  # train on from the previous task's state, whatever was evaluated last
         super().before_task(task)
         self._loaded = None
 
@@ -108,14 +111,19 @@ class ConFiT(Method):
             self.xbn.snapshot(self.model.backbone, task.index)
         self._loaded = None
 
-    def training(self) -> None:
-        self.set_task(None)  # evaluation may have left an old task's BN state in the backbone
+    @contextmanager
+    def deployed(self) -> Iterator[None]:
+        """Evaluation routes each task to its own BN state; on exit the current task's is back in the backbone."""
+        try:
+            yield
+        finally:
+            self.route(None)
 
     def resume(self, last_task: Task) -> None:
         super().resume(last_task)
-        self._loaded = None  # checkpoints are taken with the current task's state loaded (checkpoint_state)
+        self._loaded = None  # a checkpoint holds the current task's state (checkpoint_state)
 
-    def set_task(self, task_id: int | None) -> None:
+    def route(self, task_id: int | None) -> None:
         """Put task ``task_id``'s BN state in the backbone: an old task's is restored and its means recovered
         through the current convs; ``None`` (or the current or a later task) gives the current task's state."""
         if self.xbn is None or self.task is None:
@@ -130,17 +138,22 @@ class ConFiT(Method):
         self._loaded = target
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, task_id: int | None = None) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, task_id: int | None = None) -> Prediction:
         """Logits with task ``task_id``'s BN statistics (the current task's when ``task_id`` is None)."""
-        self.set_task(task_id)
-        return self.model(x)  # (B, C)
+        self.route(task_id)
+        return Prediction(self.model(x))  # (B, C)
 
     # ---- storage --------------------------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        self.set_task(None)
-        return super().checkpoint_state()
+        """The model with the current task's BN state, also while an old task's is routed in (from its snapshot)."""
+        state = super().checkpoint_state()
+        if self._loaded is not None:
+            state |= self.xbn.restored_state(self.task.index)
+        return state
 
-    def bytes_per_task(self, task: Task) -> int:
+    def task_state(self, task: Task) -> dict[str, torch.Tensor]:
         """The task's head rows plus, with Xconv BN, its BN snapshot and input means (ResNet-18: 25,740 values)."""
-        head = sum(p.numel() * p.element_size() for p in self.model.head.heads[task.index].parameters())
-        return head + (self.xbn.bytes_per_task if self.xbn is not None else 0)
+        state = super().task_state(task)
+        if self.xbn is not None:
+            state |= {f"xbn.{k}": v for k, v in self.xbn.task_state(task.index).items()}
+        return state

@@ -22,6 +22,7 @@ from retain import distributed
 from retain.config import ConfigError
 from retain.data.scenarios import Task
 from retain.methods.base import ContinualModel, Method, MethodConfig, Stage, register_method
+from retain.models.continual import head_prefix
 
 __all__ = ["EWCConfig", "EWC", "FISHER_MODES", "diagonal_fisher"]
 
@@ -86,7 +87,7 @@ class EWC(Method):
         self.old_params: dict[str, torch.Tensor] = {}
 
     def trainable_prefixes(self, task: Task) -> list[str]:
-        return ["backbone.", f"head.heads.{task.index}."]
+        return ["backbone.", head_prefix(task.index)]
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor], stage: Stage) -> dict[str, torch.Tensor]:
         x, y = batch

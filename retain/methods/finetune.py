@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from retain.data.scenarios import Task
 from retain.methods.base import Method, MethodConfig, register_method
+from retain.models.continual import head_prefix
 
 __all__ = ["FinetuneConfig", "Finetune"]
 
@@ -26,5 +27,5 @@ class Finetune(Method):
     config_class = FinetuneConfig
 
     def trainable_prefixes(self, task: Task) -> list[str]:
-        heads = [f"head.heads.{task.index}."] if self.cfg.train_mask == "current" else self.seen_heads(task)
+        heads = [head_prefix(task.index)] if self.cfg.train_mask == "current" else self.seen_heads(task)
         return ["backbone.", *heads]

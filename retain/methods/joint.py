@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch.utils.data import Dataset
-
 from retain.config import ConfigError
 from retain.data.scenarios import Task
-from retain.methods.base import MethodConfig, register_method
+from retain.methods.base import MethodConfig, Stage, register_method
 from retain.methods.finetune import Finetune
 
 __all__ = ["JointConfig", "Joint"]
@@ -36,5 +34,8 @@ class Joint(Finetune):
                               "and old heads would be frozen; use seen or all")  # fmt: skip
         super().__init__(cfg, *args, **kwargs)
 
-    def train_dataset(self, task: Task) -> Dataset:
-        return self.scenario.union_train(task.index)
+    def stages(self, task: Task) -> list[Stage]:
+        """Finetune's stage on the training images of tasks 0..t (validated on task t's validation split)."""
+        (stage,) = super().stages(task)
+        stage.data, stage.validate = (lambda: self.scenario.union_train(task.index)), True
+        return [stage]

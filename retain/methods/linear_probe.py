@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from retain.data.scenarios import Task
 from retain.methods.base import Method, MethodConfig, Stage, register_method
@@ -36,7 +35,7 @@ class LinearProbe(Method):
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor], stage: Stage) -> dict[str, torch.Tensor]:
         feats, y = batch
         logits = self.mask_logits(self.model.head(feats))  # (B, C)
-        return {"ce": F.cross_entropy(logits, y, label_smoothing=self.train_cfg.label_smoothing)}
+        return {"ce": self.ce(logits, y)}
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.model.state_dict().items() if k.startswith("head.")}

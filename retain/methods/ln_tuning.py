@@ -9,11 +9,12 @@ and the real head over all seen classes give the logits.
 Per task (two-stage variant): (1a) key, (1b) LN rows with the oracle task id and a throwaway head, logits masked to
 the task's classes, (2) the real head on features from the test-time selection, logits masked to the task's classes.
 Beyond the original (each an option): closed-form keys, one pass for batches mixing tasks, frozen-model queries
-cached per image, stage 2 on cached features, and an artefact holding only the task-specific tensors.
+cached per image, stage 2 on cached features. A run's artefact (``retain export``, ``run.export_each_task``) holds
+only the task-specific tensors.
 
 Precision: queries, key similarities, the argmax and the logits are float32 whatever the run's autocast, so a
 near-tie routes alike in stage 2 and at test. Outside the method's own passes the backbone is the pre-trained ViT
-(``TaskLayerNorm`` rows are set explicitly wherever task rows are meant).
+(its training route is ``PRETRAINED``; task rows are routed explicitly wherever they are meant).
 """
 
 from __future__ import annotations
@@ -23,26 +24,19 @@ import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from retain import distributed
 from retain.config import ConfigError
 from retain.data.scenarios import Scenario, Task
-from retain.methods.base import ContinualModel, Method, MethodConfig, Stage, register_method
-from retain.models.task_layernorm import (
-    PRETRAINED,
-    SelectTask,
-    copy_task_rows,
-    inject_task_layernorm,
-    task_layernorms,
-    use_task,
-)
+from retain.methods.base import Batch, ContinualModel, MethodConfig, Prediction, Stage, register_method
+from retain.methods.per_task import PerTaskMethod
+from retain.models.continual import head_prefix
+from retain.models.task_layernorm import PRETRAINED, SelectTask, copy_task_rows, inject_task_layernorm, task_layernorms
 
 __all__ = ["LNTuningConfig", "LNTuning", "key_loss", "select_task", "closed_form_key", "similarity_weights"]
 
@@ -68,7 +62,6 @@ class LNTuningConfig(MethodConfig):
     query_model: str = "shared"  # shared: same backbone with the pre-trained LN row | copy: a frozen deepcopy
     sim_weight: float = 1.0  # single_stage: weight of the key-similarity term
     sim_weights: str = "official"  # single_stage: official = mean per block, then over blocks + final norm | uniform
-    export_path: str | None = None  # after each task, write the artefact (``export``) to this safetensors file
 
 
 def _fp32(t: torch.Tensor) -> torch.autocast:
@@ -119,11 +112,11 @@ def _digests(x: torch.Tensor) -> list[bytes]:
 
 
 @register_method
-class LNTuning(Method):
+class LNTuning(PerTaskMethod):
     """Per-task LayerNorm rows selected by task keys; see the module docstring."""
 
     config_class = LNTuningConfig
-    task_aware_predict = True  # task-IL evaluation uses the oracle task's LN rows
+    selects_task = True  # per-task rows in every protocol (task-IL evaluation uses the oracle task's rows)
 
     def __init__(self, cfg: LNTuningConfig, model: ContinualModel, scenario: Scenario, train_cfg) -> None:
         super().__init__(cfg, model, scenario, train_cfg)
@@ -140,8 +133,8 @@ class LNTuning(Method):
             device = self.layers[0].ln_weight.device
             keys = nn.init.orthogonal_(torch.empty(n_tasks, dim, device=device))  # (T, D), own key per task
             model.register_parameter("ln_keys", nn.Parameter(keys))
-        model.add_module("ln_fake_head", copy.deepcopy(model.head))  # throwaway head of the LN stage
-        model.ln_fake_head.n_active = n_tasks
+        model.add_module("ln_fake_head", copy.deepcopy(model.head))  # throwaway head of the LN stage (all active)
+        self.row_tables = frozenset([*self.ln_param_names(), *([] if self.single_stage else ["ln_keys"])])
         self.query_cache: dict[bytes, torch.Tensor] = {}
         self.frozen_images = 0  # images that went through the frozen model (tests, benchmarks)
 
@@ -153,23 +146,27 @@ class LNTuning(Method):
             f"backbone.{n}" for n, _ in self.model.backbone.named_parameters() if n.rsplit(".", 1)[-1][:3] == "ln_"
         ]
 
+    def owned(self, t: int) -> list[str]:
+        """Every per-task table (task t owns row t of each): LN scale and bias (single stage: keys and attention
+        vectors too) and, in the two-stage variant, the task keys."""
+        return sorted(self.row_tables)
+
     def trainable_prefixes(self, task: Task) -> list[str]:
-        keys = [] if self.single_stage else ["ln_keys"]
-        return [*self.ln_param_names(), *keys, f"ln_fake_head.heads.{task.index}.", f"head.heads.{task.index}."]
+        return [*super().trainable_prefixes(task), "ln_fake_" + head_prefix(task.index)]
+
+    def training_route(self) -> int:
+        return PRETRAINED
 
     def param_breakdown(self, task: Task) -> dict[str, int]:
-        """Values stored for ``task`` alone: its row of every LN table, its key, its rows of the real head."""
-        ln = sum(p.shape[1] for m in self.layers for p in m.parameters(recurse=False))
-        key = 0 if self.single_stage else self.model.ln_keys.shape[1]
-        head = sum(p.numel() for p in self.model.head.heads[task.index].parameters())
-        return {"ln": ln, "key": key, "head": head}
-
-    def bytes_per_task(self, task: Task) -> int:
-        return sum(self.param_breakdown(task).values()) * self.layers[0].ln_weight.element_size()
+        """Values stored for ``task`` alone (``task_state``): its row of every LN table, its key, its head rows."""
+        out = {"ln": 0, "key": 0, "head": 0}
+        for name, v in self.task_state(task).items():
+            out["head" if name.startswith("head.") else "key" if name == "ln_keys" else "ln"] += v.numel()
+        return out
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def before_task(self, task: Task) -> None:
-        super().before_task(task)
+        super().before_task(task)  # routed to the pre-trained rows
         if task.index > 0:
             copy_task_rows(self.model.backbone, task.index - 1, task.index)  # keys stay fresh (--new_key)
         if not self.single_stage and self.cfg.closed_form_keys:
@@ -181,30 +178,36 @@ class LNTuning(Method):
         if not self.single_stage:  # 0 epochs when fitted in closed form (before_task); kept so that the LN stage is
             # stage 1 in both schedules and the engine shuffles its batches alike
             epochs = train.epochs if self.cfg.key_epochs is None else self.cfg.key_epochs
-            stages.append(Stage("keys", 0 if self.cfg.closed_form_keys else epochs, ["ln_keys"], weight_decay=0.0))
-        ln_params = [*self.ln_param_names(), f"ln_fake_head.heads.{t}."]
+            stages.append(Stage("keys", 0 if self.cfg.closed_form_keys else epochs, ["ln_keys"], weight_decay=0.0,
+                                loss=self.key_stage_loss))  # fmt: skip
+        ln_params = [*self.ln_param_names(), "ln_fake_" + head_prefix(t)]
         stages.append(Stage("ln", train.epochs, ln_params, weight_decay=0.0))  # wd would move the old rows
         if self.cfg.rectify:
             data = (lambda: self._head_features(task)) if self.cfg.head_features == "cached" else None
-            stages.append(Stage("head", self.cfg.head_epochs, [f"head.heads.{t}."], lr=self.cfg.head_lr,
-                                optimizer="adam", weight_decay=0.0, data=data))  # fmt: skip
+            stages.append(Stage("head", self.cfg.head_epochs, [head_prefix(t)], lr=self.cfg.head_lr,
+                                optimizer="adam", weight_decay=0.0, data=data, loss=self.head_stage_loss))  # fmt: skip
         return stages
 
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], stage: Stage) -> dict[str, torch.Tensor]:
+    def key_stage_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Stage 1a: the current task's key towards the frozen model's CLS of its images."""
+        return {"key": key_loss(self.queries(batch[0], cache=False), self.model.ln_keys[self.task.index])}
+
+    def loss(self, batch: Batch, stage: Stage) -> dict[str, torch.Tensor]:
+        """Stage 1b: the current task's LN rows (oracle task id) and throwaway head; single stage: + similarity."""
         x, y = batch
-        t = self.task.index
-        if stage.name == "keys":
-            return {"key": key_loss(self.queries(x, cache=False), self.model.ln_keys[t])}
-        if stage.name == "head":
-            feats = x if self.cfg.head_features == "cached" else self._online_head_features(x, t)  # (B, D)
-            logits = self.mask_logits(_logits(self.model.head, feats))  # (B, C)
-            return {"ce": F.cross_entropy(logits, y, label_smoothing=self.train_cfg.label_smoothing)}
-        with use_task(self.model.backbone, t):
+        with self.routed(self.task.index):
             logits = self.mask_logits(_logits(self.model.ln_fake_head, self.model.features(x)))  # (B, C)
-        terms = {"ce": F.cross_entropy(logits, y, label_smoothing=self.train_cfg.label_smoothing)}
+        terms = {"ce": self.ce(logits, y)}
         if self.single_stage:
             terms["sim"] = -self.cfg.sim_weight * self.similarity_term()
         return terms
+
+    def head_stage_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Stage 2: the real head on features from the test-time selection (cached, or per augmented batch)."""
+        x, y = batch
+        feats = x if self.cfg.head_features == "cached" else self._online_head_features(x, self.task.index)  # (B, D)
+        logits = self.mask_logits(_logits(self.model.head, feats))  # (B, C)
+        return {"ce": self.ce(logits, y)}
 
     def similarity_term(self) -> torch.Tensor:
         """Single stage: sum over layers of ``sim_weights[l] * mean_i cos(att_t * cls_i, key_t)`` of the last oracle
@@ -212,25 +215,22 @@ class LNTuning(Method):
         sims = torch.stack([m.similarity.float().mean() for m in self.layers])  # (L,)
         return (sims * sims.new_tensor(self.sim_weights)).sum()
 
-    def after_task(self, task: Task) -> None:
-        self.export_after_task()
-
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, task_id: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, x: torch.Tensor, task_id: int | None = None) -> Prediction:
         """Logits over all seen classes with the selected task's rows, and the selected task ids (B,)."""
         if task_id is not None:  # task-incremental: the oracle task's rows
-            with use_task(self.model.backbone, task_id):
-                return _logits(self.model.head, self.model.features(x))
+            with self.routed(task_id):
+                return Prediction(_logits(self.model.head, self.model.features(x)))
         upto = self.task.index if self.task is not None else 0
         feats, ids = self.inference_features(x, upto, cache=self.cfg.cache_queries)
-        return _logits(self.model.head, feats), ids
+        return Prediction(_logits(self.model.head, feats), ids)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) as deployed, for the retention probe: the pre-trained rows before the first task, afterwards
         the test-time routing among the tasks seen so far (never task 0's rows by default)."""
         if self.task is None:
-            with use_task(self.model.backbone, PRETRAINED):
+            with self.routed(PRETRAINED):
                 return self.model.features(x)
         return self.inference_features(x, self.task.index, cache=False)[0]
 
@@ -269,7 +269,7 @@ class LNTuning(Method):
                 return self.query_model.forward_features(x.float())[:, 0]  # (B, D)
             backbone, was_training = self.model.backbone, self.model.backbone.training
             backbone.eval()
-            with use_task(backbone, PRETRAINED):
+            with self.routed(PRETRAINED):
                 q = backbone.forward_features(x.float())[:, 0]  # (B, D)
             backbone.train(was_training)
         return q
@@ -281,14 +281,13 @@ class LNTuning(Method):
 
     def task_features(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """(B, D) features of each sample with its own task's LN rows: one pass, or one per task (``mixed_batch``)."""
-        backbone = self.model.backbone
         if self.cfg.mixed_batch:
-            with use_task(backbone, ids):
+            with self.routed(ids):
                 return self.model.features(x)
         out = None
         for t in ids.unique().tolist():
             rows = ids == t
-            with use_task(backbone, t):
+            with self.routed(t):
                 f = self.model.features(x[rows])  # (b, D)
             out = f.new_empty(len(x), f.shape[1]) if out is None else out
             out[rows] = f
@@ -301,7 +300,7 @@ class LNTuning(Method):
         Single-stage: every layer selects on its own; the ids reported are the final norm's.
         """
         if self.single_stage:
-            with use_task(self.model.backbone, SelectTask(upto)):
+            with self.routed(SelectTask(upto)):
                 feats = self.model.features(x)  # (B, D)
             return feats, self.layers[-1].selected
         ids = self.select(x, upto, cache)
@@ -338,53 +337,11 @@ class LNTuning(Method):
         self.model.train(was_training)
         return feats
 
-    # ---- artefact -------------------------------------------------------------------------------------------------
-    def export(self, path: str | Path) -> None:
-        """One safetensors file: backbone reference (metadata), and the keys, LN rows and head of each trained task."""
-        n = self.task.index + 1
-        tensors = {}
-        for k, v in self.checkpoint_state().items():
-            if k.startswith("ln_fake_head."):
-                continue
-            if k.startswith("head.heads."):
-                if int(k.split(".")[2]) < n:
-                    tensors[k] = v
-            else:
-                tensors[k] = v[:n]  # (n, D) rows of the trained tasks only
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        meta = {"method": self.name, "variant": self.cfg.variant, "backbone": _backbone_ref(self.model.backbone),
-                "tasks_trained": str(n), "n_tasks": str(self.scenario.n_tasks)}  # fmt: skip
-        save_file(tensors, str(path), metadata=meta)
-
-    @torch.no_grad()
-    def load_export(self, path: str | Path) -> None:
-        """Load ``export``'s file into this method's model (same backbone and variant); ready for ``predict``."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        if (meta.get("variant"), meta.get("backbone")) != (self.cfg.variant, _backbone_ref(self.model.backbone)):
-            raise ValueError(f"{path} holds {meta.get('variant')} rows for {meta.get('backbone')}; this model is "
-                             f"{self.cfg.variant} on {_backbone_ref(self.model.backbone)}")  # fmt: skip
-        n = int(meta["tasks_trained"])
-        state = self.model.state_dict()
-        for k, v in load_file(str(path)).items():
-            target = state[k] if k.startswith("head.") else state[k][:n]
-            target.copy_(v)
-        self.task = self.scenario.tasks[n - 1]
-        self.model.head.n_active = n
-
 
 def _logits(head: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     """(B, C) float32 logits of ``head`` on features (B, D), whatever the autocast (the head is one small matmul)."""
     with _fp32(feats):
         return head(feats.float())
-
-
-def _backbone_ref(backbone: nn.Module) -> str:
-    cfg = getattr(backbone, "pretrained_cfg", None) or {}
-    arch, tag = cfg.get("architecture", type(backbone).__name__), cfg.get("tag")
-    return f"{arch}.{tag}" if tag else arch
 
 
 def _check(cfg: LNTuningConfig) -> None:

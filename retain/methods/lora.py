@@ -5,9 +5,10 @@ timm fuses q, k, v into one linear; it is first split into three exactly equival
 (``retain.models.adapters.split_qkv``, names ``attn.qkv.q`` / ``k`` / ``v``), then the peft library puts a LoRA
 adapter on ``q`` and ``v`` of every block: rank ``r``, ``alpha = r`` (scaling 1), no dropout, A Kaiming-uniform and
 B = 0, so the adapted ViT computes the pre-trained function at init. Trained: the LoRA matrices and a fresh
-classifier. For inference (every evaluation, the retention probe) each block's q/k/v with the deployed adapter's
-``B A`` added is fused back into one plain linear, so the deployed model is a plain timm ViT (no extra cost); the
-split modules and their un-merged weights come back for training, so nothing drifts across merges.
+classifier. For inference (inside ``deployed()``: every evaluation, the retention probe, a loaded artefact) each
+block's q/k/v with the deployed adapter's ``B A`` added is fused back into one plain linear, so the deployed model
+is a plain timm ViT (no extra cost); the split modules and their un-merged weights come back for training, so
+nothing drifts across merges.
 
 Continual use: with ``per_task`` every task owns a peft adapter (``task_<t>``) chosen by task id (task-IL, and the
 single task of the fine-tuning protocol); in class-IL one adapter (``shared``) is trained on each task in turn.
@@ -20,18 +21,15 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from timm.layers import Attention
 from torch import nn
 
 from retain.config import ConfigError
 from retain.data.scenarios import Scenario, Task
-from retain.methods.base import ContinualModel, Method, MethodConfig, register_method
-from retain.methods.block_expansion import backbone_ref, resolve_per_task
+from retain.methods.base import ContinualModel, MethodConfig, register_method
+from retain.methods.per_task import PerTaskMethod
 from retain.models.adapters import QKV, split_qkv
 
 __all__ = ["LoRAConfig", "LoRA", "lora_layers", "merged_weight"]
@@ -48,7 +46,6 @@ class LoRAConfig(MethodConfig):
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q", "v"])  # which of q, k, v get an adapter
     per_task: bool | None = None  # own adapter per task, by task id; None: yes in task_il/finetune, no in class_il
-    export_path: str | None = None  # after each task, write the LoRA matrices and heads (``export``) to this file
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
@@ -80,16 +77,17 @@ def _fused(qkv: QKV, adapter: str | None) -> nn.Linear:
 
 
 @register_method
-class LoRA(Method):
-    """peft LoRA on the split q and v projections of a frozen timm ViT; see the module docstring."""
+class LoRA(PerTaskMethod):
+    """peft LoRA on the split q and v projections of a frozen timm ViT; see the module docstring.
+
+    Routing: task t's adapter is the one peft's layers run (training, un-merged), or the one fused into plain
+    linears while ``deployed()`` (inference)."""
 
     config_class = LoRAConfig
 
     def __init__(self, cfg: LoRAConfig, model: ContinualModel, scenario: Scenario, train_cfg) -> None:
         super().__init__(cfg, model, scenario, train_cfg)
         _check(cfg)
-        self.per_task = resolve_per_task(cfg.per_task, scenario, self.name)
-        self.task_aware_predict = self.per_task
         self.adapters = [f"task_{t}" for t in range(scenario.n_tasks)] if self.per_task else ["shared"]
         try:
             split_qkv(model.backbone)
@@ -98,7 +96,7 @@ class LoRA(Method):
         self.attentions = [m for m in model.backbone.modules() if isinstance(m, Attention) and isinstance(m.qkv, QKV)]
         self.qkv = [m.qkv for m in self.attentions]  # the split modules, kept while a fused linear is deployed
         self._inject(model.backbone)
-        self.deployed: str | None = None  # adapter fused into plain linears (inference), None: split (training)
+        self.fused: str | None = None  # adapter fused into plain linears (inference), None: split (training)
         self.current = self.adapters[0]
         self._activate(self.current)
 
@@ -118,58 +116,50 @@ class LoRA(Method):
     def adapter_of(self, t: int) -> str:
         return self.adapters[t] if self.per_task else self.adapters[0]
 
-    def lora_patterns(self, t: int) -> list[str]:
+    def owned(self, t: int) -> list[str]:
         return [f"backbone.*.lora_A.{self.adapter_of(t)}.*", f"backbone.*.lora_B.{self.adapter_of(t)}.*"]
 
-    def trainable_prefixes(self, task: Task) -> list[str]:
-        own = self.per_task or self.cfg.train_mask == "current"  # else (train_mask=seen) the seen heads
-        heads = [f"head.heads.{task.index}."] if own else self.seen_heads(task)
-        return [*self.lora_patterns(task.index), *heads]
-
-    def bytes_per_task(self, task: Task) -> int:
-        """The task's head rows, plus its LoRA matrices when they are per task (a shared adapter is the model)."""
+    def task_state(self, task: Task) -> dict[str, torch.Tensor]:
         with self._split():
-            params = dict(self.model.named_parameters())
-            names = [n for n in params if n.startswith(f"head.heads.{task.index}.")]
-            if self.per_task:
-                names += [n for n in params if f".{self.adapter_of(task.index)}." in n and ".lora_" in n]
-            return sum(params[n].numel() * params[n].element_size() for n in names)
+            return super().task_state(task)
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def before_task(self, task: Task) -> None:
+        self.unfuse()
         super().before_task(task)
-        self.undeploy()
-        self._activate(self.adapter_of(task.index))
 
-    def after_task(self, task: Task) -> None:
-        self.export_after_task()
+    @contextmanager
+    def deployed(self) -> Iterator[None]:
+        """The latest (or shared) adapter fused into plain linears; the split modules back on exit."""
+        self.fuse(self.adapter_of(self.deployed_task(None)))
+        try:
+            yield
+        finally:
+            self.unfuse()
 
-    def resume(self, last_task: Task) -> None:
-        super().resume(last_task)
-        self._activate(self.adapter_of(last_task.index))
+    # ---- routing: the active adapter (training) or the fused one (inference) --------------------------------------
+    def route(self, task: int) -> None:
+        adapter = self.adapter_of(task)
+        if self.fused is not None:
+            self.fuse(adapter)
+        else:
+            self._activate(adapter)
 
-    def evaluating(self) -> None:
-        self.deploy(self._latest())
+    @contextmanager
+    def routed(self, task: int) -> Iterator[None]:
+        """Task ``task``'s adapter for the duration: re-fused if fused (and left so: every prediction routes), else
+        peft's un-merged path, then the previous adapter."""
+        if self.fused is not None:
+            self.fuse(self.adapter_of(task))
+            yield
+            return
+        previous = self.current
+        self._activate(self.adapter_of(task))
+        try:
+            yield
+        finally:
+            self._activate(previous)
 
-    def training(self) -> None:
-        self.undeploy()
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, task_id: int | None = None) -> torch.Tensor:
-        """Logits with the adapter of ``task_id`` (per task; None: the latest task's) or the shared one, merged."""
-        with self._using(self.adapter_of(task_id) if task_id is not None else self._latest()):
-            return self.model(x)
-
-    @torch.no_grad()
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, D) CLS after the final norm with the latest adapter merged: what the retention k-NN probes."""
-        with self._using(self._latest()):
-            return self.model.features(x)
-
-    def _latest(self) -> str:
-        return self.adapter_of(self.task.index) if self.task is not None else self.adapter_of(0)
-
-    # ---- adapters: active (training) and deployed (fused, inference) ----------------------------------------------
     def _activate(self, adapter: str) -> None:
         """Make ``adapter`` the one peft's layers run (and mark trainable; the engine re-marks per stage)."""
         for layer in lora_layers(self.model.backbone):
@@ -177,91 +167,42 @@ class LoRA(Method):
         self.current = adapter
 
     @torch.no_grad()
-    def deploy(self, adapter: str) -> None:
+    def fuse(self, adapter: str) -> None:
         """Replace every split q/k/v by one plain linear with ``adapter``'s LoRA merged (inference)."""
-        if self.deployed == adapter:
+        if self.fused == adapter:
             return
         for attn, qkv in zip(self.attentions, self.qkv, strict=True):
             attn.qkv = _fused(qkv, adapter)
-        self.deployed = adapter
+        self.fused = adapter
 
-    def undeploy(self) -> None:
+    def unfuse(self) -> None:
         """Put the split q/k/v with their LoRA layers back (training); the base weights were never modified."""
-        if self.deployed is None:
+        if self.fused is None:
             return
         for attn, qkv in zip(self.attentions, self.qkv, strict=True):
             attn.qkv = qkv
-        self.deployed = None
-
-    @contextmanager
-    def _using(self, adapter: str) -> Iterator[None]:
-        """Run with ``adapter``: re-fused if deployed (evaluation), else peft's un-merged path, then restored."""
-        if self.deployed is not None:
-            self.deploy(adapter)
-            yield
-            return
-        previous = self.current
-        self._activate(adapter)
-        try:
-            yield
-        finally:
-            self._activate(previous)
+        self.fused = None
 
     @contextmanager
     def _split(self) -> Iterator[None]:
-        """The split (training) modules in place for the duration, whatever was deployed."""
-        deployed = self.deployed
-        self.undeploy()
+        """The split (training) modules in place for the duration, whatever was fused."""
+        fused = self.fused
+        self.unfuse()
         try:
             yield
         finally:
-            if deployed is not None:
-                self.deploy(deployed)
+            if fused is not None:
+                self.fuse(fused)
 
-    # ---- checkpoint and export ------------------------------------------------------------------------------------
+    # ---- checkpoint -----------------------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """Every adapter's LoRA matrices and the heads (the frozen backbone is rebuilt from its weights)."""
+        """Every adapter's LoRA matrices and the heads (read from the split modules, whatever is fused)."""
         with self._split():
-            return {k: v for k, v in self.model.state_dict().items() if ".lora_" in k or k.startswith("head.")}
+            return super().checkpoint_state()
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         with self._split():
             super().load_checkpoint_state(state)
-
-    def export(self, path: str | Path) -> None:
-        """One safetensors file: the LoRA matrices of the trained adapters and the trained heads, nothing else."""
-        n = self.task.index + 1 if self.task is not None else 0
-        keep = tuple(f".{self.adapter_of(t)}." for t in range(n))
-        heads = tuple(f"head.heads.{t}." for t in range(n))
-        state = {k: v.detach().cpu().contiguous() for k, v in self.checkpoint_state().items()
-                 if k.startswith(heads) or (".lora_" in k and any(a in k for a in keep))}  # fmt: skip
-        meta = {
-            "method": self.name,
-            "backbone": backbone_ref(self.model.backbone),
-            "r": str(self.cfg.r),
-            "alpha": str(self.cfg.r if self.cfg.alpha is None else self.cfg.alpha),
-            "targets": ",".join(self.cfg.targets),
-            "per_task": str(self.per_task),
-            "tasks_trained": str(n),
-        }
-        save_file(state, str(path), metadata=meta)
-
-    @torch.no_grad()
-    def load_export(self, path: str | Path) -> None:
-        """Load ``export``'s file into this method's model (same backbone, rank, targets); ready to predict."""
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        mine = {"backbone": backbone_ref(self.model.backbone), "r": str(self.cfg.r),
-                "targets": ",".join(self.cfg.targets), "per_task": str(self.per_task)}  # fmt: skip
-        theirs = {k: meta.get(k) for k in mine}
-        if theirs != mine:
-            raise ValueError(f"{path} holds LoRA for {theirs}; this model is {mine}")
-        self.load_checkpoint_state(load_file(str(path), device=str(self.device)))
-        n = int(meta["tasks_trained"])
-        self.task = self.scenario.tasks[n - 1] if n else None
-        self.model.head.n_active = max(n, 1)
-        self.undeploy()
-        self._activate(self._latest())
 
 
 def _check(cfg: LoRAConfig) -> None:

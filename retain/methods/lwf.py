@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from retain.data.scenarios import Task
 from retain.losses import lwf_kd
 from retain.methods.base import Method, MethodConfig, Stage, register_method
+from retain.models.continual import head_prefix
 
 __all__ = ["LwFConfig", "LwF", "distillation_loss"]
 
@@ -42,7 +43,7 @@ class LwF(Method):
         self.old_model = None
 
     def trainable_prefixes(self, task: Task) -> list[str]:
-        return ["backbone.", f"head.heads.{task.index}."]  # FACIL: old heads stay frozen without exemplars
+        return ["backbone.", head_prefix(task.index)]  # FACIL: old heads stay frozen without exemplars
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor], stage: Stage) -> dict[str, torch.Tensor]:
         x, y = batch

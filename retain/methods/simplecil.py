@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from retain.data.scenarios import Task
-from retain.methods.base import Method, MethodConfig, Stage, register_method
+from retain.methods.base import Method, MethodConfig, Prediction, Stage, register_method
+from retain.models.continual import head_prefix
 
 __all__ = ["SimpleCILConfig", "SimpleCIL", "class_prototypes"]
 
@@ -33,7 +34,7 @@ class SimpleCIL(Method):
     config_class = SimpleCILConfig
 
     def trainable_prefixes(self, task: Task) -> list[str]:
-        return [f"head.heads.{task.index}."]  # written in closed form (prototypes), never by gradient
+        return [head_prefix(task.index)]  # written in closed form (prototypes), never by gradient
 
     def stages(self, task: Task) -> list[Stage]:
         return []
@@ -47,11 +48,12 @@ class SimpleCIL(Method):
         head.bias.zero_()
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, task_id: int | None = None) -> torch.Tensor:
-        return self.model.head(F.normalize(self.model.features(x), dim=1))  # cosine similarities (B, C)
+    def predict(self, x: torch.Tensor, task_id: int | None = None) -> Prediction:
+        return Prediction(self.model.head(F.normalize(self.model.features(x), dim=1)))  # cosine similarities (B, C)
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.model.state_dict().items() if k.startswith("head.")}
 
-    def bytes_per_task(self, task: Task) -> int:
-        return self.model.head.heads[task.index].weight.numel() * 4
+    def task_state(self, task: Task) -> dict[str, torch.Tensor]:
+        """The task's prototypes (its head weight rows); the head bias is zero, not stored."""
+        return {n: v for n, v in super().task_state(task).items() if n.endswith(".weight")}

@@ -4,8 +4,8 @@ in Vision Transformers", ICCVW 2023).
 ``inject_task_layernorm(vit, n_tasks)`` replaces every ``nn.LayerNorm`` of a timm ViT, by name, with a
 ``TaskLayerNorm`` that holds a (tasks x dim) table of scale and bias rows (``ln_weight``, ``ln_bias``), initialised
 from the pre-trained values, which stay as frozen buffers (the "pre-trained row"). Which row a forward pass uses is
-set on all layers at once with ``set_task(model, task)`` / ``use_task(model, task)``; a plain forward outside any
-``use_task`` is the pre-trained model:
+set on all layers at once by the one per-task switch, ``retain.models.adapters.set_task(model, task)`` /
+``use_task(model, task)`` (``TaskLayerNorm.set_task``); a freshly injected layer uses the pre-trained row:
 
 - an ``int`` t: row t for every sample (one fused ``F.layer_norm``, the training path);
 - ``PRETRAINED`` (-1): the pre-trained values, so the same backbone *is* the frozen pre-trained ViT;
@@ -19,16 +19,13 @@ and at test).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PRETRAINED", "SelectTask", "TaskLayerNorm", "inject_task_layernorm", "task_layernorms", "set_task",
-           "use_task", "copy_task_rows"]  # fmt: skip
+__all__ = ["PRETRAINED", "SelectTask", "TaskLayerNorm", "inject_task_layernorm", "task_layernorms", "copy_task_rows"]
 
 PRETRAINED = -1  # task index selecting the frozen pre-trained scale and bias
 
@@ -87,7 +84,7 @@ class TaskLayerNorm(nn.Module):
         return f"{tuple(self.normalized_shape)}, tasks={self.n_tasks}, eps={self.eps}, selector={self.has_selector}"
 
     def set_task(self, task: TaskSpec) -> None:
-        """Rows to use from now on (``retain.models.adapters.set_task`` / ``use_task`` call this)."""
+        """Rows to use from now on (the per-task switch, ``retain.models.adapters.set_task`` / ``use_task``)."""
         self.task = task
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,26 +145,6 @@ def inject_task_layernorm(model: nn.Module, n_tasks: int, target: str = r".*", s
 def task_layernorms(model: nn.Module) -> list[TaskLayerNorm]:
     """The ``TaskLayerNorm`` modules of ``model`` in forward (registration) order."""
     return [m for m in model.modules() if isinstance(m, TaskLayerNorm)]
-
-
-def set_task(model: nn.Module, task: TaskSpec) -> None:
-    """Make every TaskLayerNorm of ``model`` use ``task`` (int, PRETRAINED, (B,) ids or SelectTask)."""
-    for m in task_layernorms(model):
-        m.task = task
-
-
-@contextmanager
-def use_task(model: nn.Module, task: TaskSpec) -> Iterator[None]:
-    """``set_task`` for the duration of a ``with`` block, then restore each layer's previous setting."""
-    layers = task_layernorms(model)
-    before = [m.task for m in layers]
-    for m in layers:
-        m.task = task
-    try:
-        yield
-    finally:
-        for m, t in zip(layers, before, strict=True):
-            m.task = t
 
 
 @torch.no_grad()

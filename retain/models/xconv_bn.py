@@ -133,6 +133,9 @@ class _BNSnapshots(nn.Module):
         self.register_buffer("saved", torch.zeros(n_tasks, 4, channels))  # (T, 4, C)
 
 
+_BN_FIELDS = ("weight", "bias", "running_mean", "running_var")  # the rows of a BN snapshot, in order
+
+
 def _key(name: str) -> str:
     return name.replace(".", "_")
 
@@ -152,7 +155,6 @@ class XconvBN(nn.Module):
         self.bn_names = [n for n, m in backbone.named_modules() if isinstance(m, nn.BatchNorm2d)]
         self.trackers = nn.ModuleDict()
         self.bns = nn.ModuleDict()
-        self._handles = []
         for name in self.bn_names:
             bn = backbone.get_submodule(name)
             if not (bn.affine and bn.track_running_stats):
@@ -162,7 +164,7 @@ class XconvBN(nn.Module):
             conv = backbone.get_submodule(conv_name)
             tracker = InputMeanTracker(conv.in_channels, conv.stride, n_tasks, momentum)
             self.trackers[_key(conv_name)] = tracker
-            self._handles.append(conv.register_forward_pre_hook(tracker.hook))
+            conv.register_forward_pre_hook(tracker.hook)
         if len(self.trackers) != len(self.pairs) or len(self.bns) != len(self.bn_names):
             raise ValueError("module names collide once '.' becomes '_'; rename the backbone's modules")
         self.register_buffer("stored", torch.zeros(n_tasks, dtype=torch.bool))  # (T,) which tasks have a snapshot
@@ -173,15 +175,23 @@ class XconvBN(nn.Module):
     @property
     def values_per_task(self) -> int:
         """Numbers kept per task: 4 per BN channel plus the tracked input means (ResNet-18: 19,200 + 6,540)."""
-        return sum(saved[0].numel() for saved in self._saved())
+        return sum(v.numel() for v in self.task_state(0).values())
 
-    @property
-    def bytes_per_task(self) -> int:
-        """Bytes kept per task (float32: 4 x ``values_per_task``)."""
-        return sum(saved[0].numel() * saved.element_size() for saved in self._saved())
+    def task_state(self, task: int) -> dict[str, torch.Tensor]:
+        """Task ``task``'s snapshot rows by buffer name (relative to this module): every BN's (weight, bias,
+        running mean, running variance) and every tracked input mean."""
+        return {f"{kind}.{key}.saved": m.saved[task] for kind in ("bns", "trackers")
+                for key, m in getattr(self, kind).items()}  # fmt: skip
 
-    def _saved(self) -> list[torch.Tensor]:
-        return [b.saved for b in self.bns.values()] + [t.saved for t in self.trackers.values()]
+    def restored_state(self, task: int, backbone: str = "backbone.", own: str = "xbn.") -> dict[str, torch.Tensor]:
+        """What ``restore(task, recover=False)`` writes, by name in the model that holds the backbone under prefix
+        ``backbone`` and this module under ``own``: each BN's weight, bias, running mean and variance, and each
+        tracker's input mean."""
+        out = {}
+        for name in self.bn_names:
+            for field, value in zip(_BN_FIELDS, self.bns[_key(name)].saved[task], strict=True):
+                out[f"{backbone}{name}.{field}"] = value
+        return out | {f"{own}trackers.{key}.mean": t.saved[task] for key, t in self.trackers.items()}
 
     @torch.no_grad()
     def snapshot(self, backbone: nn.Module, task: int) -> None:
@@ -222,9 +232,3 @@ class XconvBN(nn.Module):
                 raise RuntimeError(f"the input tracker of {conv_name} has seen no training batch yet")
             mean = recover_mean(backbone.get_submodule(conv_name), tracker.mean, size)  # (C_out,)
             backbone.get_submodule(bn_name).running_mean.copy_(mean)
-
-    def remove_hooks(self) -> None:
-        """Detach the trackers from the convs."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()

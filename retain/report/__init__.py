@@ -18,8 +18,8 @@ from retain.report.tables import (
     COLUMNS,
     METRICS_FILE,
     PathLike,
-    _as_run_dirs,
     accuracy_matrix,
+    as_run_dirs,
     format_matrix,
     load_run,
     summary_rows,
@@ -148,7 +148,7 @@ def write_report(run_dirs: PathLike | Iterable[PathLike], out_dir: PathLike) -> 
     Returns:
         Path of the written ``report.md`` (the HTML page is next to it).
     """
-    if not _as_run_dirs(run_dirs):
+    if not as_run_dirs(run_dirs):
         raise ValueError("write_report needs at least one run directory")
     dirs = expand_run_dirs(run_dirs)
     out = Path(out_dir)

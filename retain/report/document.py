@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retain.report.tables import COLUMNS, MISSING, TEXT_KEYS, _header, format_value, table_keys, to_markdown
+from retain.report.tables import COLUMNS, MISSING, TEXT_KEYS, column_header, format_value, table_keys, to_markdown
 
 __all__ = ["Block", "Bullets", "Code", "Details", "Heading", "Image", "Table", "Text", "to_html", "to_md"]
 
@@ -114,7 +114,7 @@ def _html_table(rows: Sequence[dict[str, Any]], columns: dict[str, str] | None) 
     columns = COLUMNS if columns is None else columns
     keys = table_keys(rows, columns)
     cls = [' class="text"' if k in TEXT_KEYS else "" for k in keys]
-    head = "".join(f"<th{c}>{html.escape(_header(k, columns))}</th>"
+    head = "".join(f"<th{c}>{html.escape(column_header(k, columns))}</th>"
                    for k, c in zip(keys, cls, strict=True))  # fmt: skip
     body = "".join(
         "<tr>" + "".join(f"<td{c}>{html.escape(format_value(k, r.get(k, MISSING)))}</td>"

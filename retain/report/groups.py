@@ -27,13 +27,13 @@ from retain.report.tables import (
     NUMERIC_KEYS,
     PathLike,
     Stat,
-    _as_run_dirs,
     accuracy_matrix,
+    as_run_dirs,
     load_run,
     summary_rows,
     table_keys,
 )
-from retain.sweep import SWEEP_FILE, read_index
+from retain.runindex import CONFIG_FILE, SWEEP_FILE, read_index
 
 __all__ = ["GROUP_COLUMNS", "IGNORED_KEYS", "Group", "expand_run_dirs", "group_rows", "group_runs", "run_config"]
 
@@ -67,7 +67,7 @@ def expand_run_dirs(paths: PathLike | Iterable[PathLike]) -> list[Path]:
         FileNotFoundError: A path is none of these (the message names it).
     """
     out: list[Path] = []
-    for path in _as_run_dirs(paths):
+    for path in as_run_dirs(paths):
         if path.is_file() and path.name == METRICS_FILE:
             path = path.parent
         if (path / METRICS_FILE).is_file():
@@ -105,7 +105,7 @@ def _sweep_runs(sweep_dir: Path, required: bool = True) -> list[Path]:
 
 def run_config(run_dir: PathLike) -> dict[str, Any] | None:
     """A run's resolved ``config.yaml`` less :data:`IGNORED_KEYS`; None when it is absent or unreadable."""
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / CONFIG_FILE
     try:
         config = load_yaml(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
@@ -125,7 +125,7 @@ def group_runs(run_dirs: PathLike | Iterable[PathLike], rows: Sequence[dict[str,
         run_dirs: Run directories.
         rows: Their :func:`~retain.report.tables.summary_rows`, if already computed.
     """
-    dirs = _as_run_dirs(run_dirs)
+    dirs = as_run_dirs(run_dirs)
     rows = summary_rows(dirs) if rows is None else rows
     groups: dict[str, Group] = {}
     for run_dir, row in zip(dirs, rows, strict=True):

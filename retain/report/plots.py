@@ -19,7 +19,7 @@ from matplotlib.image import AxesImage
 from matplotlib.ticker import MaxNLocator
 
 from retain.metrics import forgetting_per_task
-from retain.report.tables import PathLike, _as_run_dirs, accuracy_matrix, load_run
+from retain.report.tables import PathLike, accuracy_matrix, as_run_dirs, load_run
 
 if TYPE_CHECKING:
     from retain.report.groups import Group
@@ -59,7 +59,7 @@ def plot_runs(run_dirs: PathLike | Iterable[PathLike], out_path: PathLike, title
         out_path: Where to write the PNG.
         title: Optional figure title.
     """
-    dirs = _as_run_dirs(run_dirs)
+    dirs = as_run_dirs(run_dirs)
     if not dirs:
         raise ValueError("plot_runs needs at least one run directory")
     runs = [load_run(d) for d in dirs]
@@ -139,7 +139,7 @@ def _save(fig: Figure, out_path: PathLike, dpi: int = 110) -> Path:
 
 def plot_matrices(run_dirs: PathLike | Iterable[PathLike], out_path: PathLike) -> Path:
     """Writes one PNG with an accuracy-matrix heat-map per run (up to four per row, one colour scale)."""
-    dirs = _as_run_dirs(run_dirs)
+    dirs = as_run_dirs(run_dirs)
     if not dirs:
         raise ValueError("plot_matrices needs at least one run directory")
     runs = [load_run(d) for d in dirs]

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from retain.metrics import summarize
+from retain.runindex import METRICS_FILE
 
 __all__ = [
     "COLUMNS",
@@ -27,6 +28,8 @@ __all__ = [
     "Stat",
     "TEXT_KEYS",
     "accuracy_matrix",
+    "as_run_dirs",
+    "column_header",
     "format_matrix",
     "format_value",
     "load_run",
@@ -37,7 +40,6 @@ __all__ = [
     "to_text",
 ]
 
-METRICS_FILE = "metrics.json"
 MISSING = "-"
 
 # Row key -> column header used by ``to_markdown``.
@@ -81,7 +83,8 @@ TEXT_KEYS = ("run", "method", "dataset", "protocol", "group", "seeds")  # left-a
 PathLike = str | Path
 
 
-def _as_run_dirs(run_dirs: PathLike | Iterable[PathLike]) -> list[Path]:
+def as_run_dirs(run_dirs: PathLike | Iterable[PathLike]) -> list[Path]:
+    """One path or several, as a list of Paths."""
     if isinstance(run_dirs, (str, Path)):
         return [Path(run_dirs)]
     return [Path(d) for d in run_dirs]
@@ -156,7 +159,7 @@ def summary_rows(run_dirs: PathLike | Iterable[PathLike]) -> list[dict[str, Any]
         Missing values are ``"-"``.
     """
     rows = []
-    for run_dir in _as_run_dirs(run_dirs):
+    for run_dir in as_run_dirs(run_dirs):
         run = load_run(run_dir)
         A = accuracy_matrix(run)
         k = 0 if A is None else A.shape[0]
@@ -273,7 +276,8 @@ def table_keys(rows: Sequence[dict[str, Any]], columns: dict[str, str] | None = 
     return list(columns) + list(dict.fromkeys(k for r in rows for k in r if k not in columns))
 
 
-def _header(key: str, columns: dict[str, str]) -> str:
+def column_header(key: str, columns: dict[str, str]) -> str:
+    """A row key's column header: from ``columns``, else :data:`OPTIONAL_COLUMNS`, else the key itself."""
     return columns.get(key, OPTIONAL_COLUMNS.get(key, key))
 
 
@@ -285,7 +289,7 @@ def to_markdown(rows: Sequence[dict[str, Any]], columns: dict[str, str] | None =
     """
     columns = COLUMNS if columns is None else columns
     keys = table_keys(rows, columns)
-    header = "| " + " | ".join(_header(k, columns) for k in keys) + " |"
+    header = "| " + " | ".join(column_header(k, columns) for k in keys) + " |"
     align = "|" + "|".join(":---" if k in TEXT_KEYS else "---:" for k in keys) + "|"
     lines = [header, align]
     for r in rows:
@@ -297,7 +301,8 @@ def to_text(rows: Sequence[dict[str, Any]], columns: dict[str, str] | None = Non
     """The table of :func:`to_markdown` as aligned plain text for the terminal (text left, numbers right)."""
     columns = COLUMNS if columns is None else columns
     keys = table_keys(rows, columns)
-    table = [[_header(k, columns) for k in keys]] + [[format_value(k, r.get(k, MISSING)) for k in keys] for r in rows]
+    table = [[column_header(k, columns) for k in keys]]
+    table += [[format_value(k, r.get(k, MISSING)) for k in keys] for r in rows]
     widths = [max(len(line[j]) for line in table) for j in range(len(keys))]
 
     def render(cells: list[str]) -> str:
