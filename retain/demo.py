@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from retain.config import load_config
+from retain.metrics import storage_rule
 
 __all__ = ["DEMO_OVERRIDES", "STREAMS", "Entry", "Stream", "add_demo_arguments", "demo", "demo_from_args"]
 
@@ -361,9 +362,11 @@ def describe(cfg: Any) -> str:
     optimizer = f"{t.optimizer}" + (f" momentum {t.momentum:g}" if t.optimizer == "sgd" else "")
     optimizer += f", {t.schedule} schedule" if t.schedule != "constant" else ""
     retention = f", retention probe {cfg.data.retention.name}" if cfg.data.retention.name else ""
+    rule = storage_rule(sc.protocol)
+    storage = "everything the task changed" if rule == "deployment" else "the task's own tensors"
     return (f"`{cfg.model.backbone}` on {cfg.data.name}, {tasks} ({sc.protocol}), train fraction "
             f"{sc.train_fraction:g}, test fraction {sc.test_fraction:g}{retention}; {optimizer}, {budget}, batch "
-            f"{t.batch_size}, {t.threads} threads, seed {cfg.seed}")  # fmt: skip
+            f"{t.batch_size}, {t.threads} threads, seed {cfg.seed}; bytes/task: {storage} ({rule} rule)")  # fmt: skip
 
 
 def _settings(rows: Sequence[dict[str, Any]]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from retain.config import ConfigError, RunConfig
 from retain.data.scenarios import Scenario, Task, make_class_order, task_sizes
+from retain.metrics import storage_rule
 
 __all__ = ["inspect_config", "KNOWN_NUM_CLASSES"]
 
@@ -41,7 +42,8 @@ def dry_scenario(cfg: RunConfig) -> Scenario:
 
 
 def inspect_config(cfg: RunConfig) -> dict:
-    """Parameters trained and bytes stored per task (task 0 and the last task) of ``cfg``'s method.
+    """Parameters trained and bytes stored per task (task 0 and the last task) of ``cfg``'s method, and the rule
+    the bytes follow (``retain.metrics.storage_rule``).
 
     The count is the run's own (``Method.trained_names``: parameters some stage with a budget trains), so
     ``retain inspect`` and ``metrics.json``'s ``trainable_params`` agree.
@@ -66,4 +68,5 @@ def inspect_config(cfg: RunConfig) -> dict:
         "class_order_head": scenario.class_order[:10], "backbone_params": backbone_params,
         "trainable_params": per_task[0][0], "bytes_per_task": per_task[0][1],
         "trainable_params_last_task": per_task[1][0], "bytes_last_task": per_task[1][1],
+        "storage_rule": storage_rule(scenario.protocol),
     }  # fmt: skip

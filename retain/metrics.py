@@ -24,9 +24,24 @@ __all__ = [
     "forgetting_per_task",
     "summarize",
     "task_id_accuracy",
+    "STORAGE_RULES",
+    "storage_rule",
 ]
 
 FORGETTING_DEFINITIONS: tuple[str, ...] = ("max_upto", "max_before")
+
+# ``bytes_per_task``: the bytes a deployment must keep to serve a task beyond what it would keep without the task.
+# Which tensors those are depends on how tasks are deployed (docs/metrics.md, "Storage per task").
+STORAGE_RULES: dict[str, str] = {
+    "stream": "one model serves the stream: tensors every task shares and overwrites belong to the model, per-task "
+    "tensors (heads, rows, adapters, blocks, snapshots) to their task",
+    "deployment": "one task per deployment (fine-tuning protocol): everything the task changed in the deployed model",
+}
+
+
+def storage_rule(protocol: str) -> str:
+    """The ``STORAGE_RULES`` key of a protocol: ``deployment`` for ``finetune``, ``stream`` otherwise."""
+    return "deployment" if protocol == "finetune" else "stream"
 
 
 def _to_numpy(x: Any) -> np.ndarray:

@@ -248,7 +248,8 @@ def metrics_record(cfg: RunConfig, class_order: list[int], n_tasks: int, state: 
         "task_id_accuracy": state.task_ids if any(v is not None for v in state.task_ids) else None,
         "task_time_s": state.task_time_s, "eval_time_s": state.eval_time_s,
         "trainable_params": state.trainable_params, "bytes_per_task": state.bytes_per_task,
-        "total_time_s": sum(state.task_time_s), "retention_knn": state.retention or None,
+        "storage_rule": metrics.storage_rule(state.protocol), "total_time_s": sum(state.task_time_s),
+        "retention_knn": state.retention or None,
         "distributed": distributed.batch_plan(cfg.train, state.processes),
     }  # fmt: skip
     if rows:

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from retain.config import METHOD_CONFIGS, config_name
 from retain.data.scenarios import Scenario, Task
 from retain.features import extract_features
+from retain.metrics import storage_rule
 from retain.models.adapters import mark_trainable, trainable_names
 from retain.models.continual import ContinualModel, head_prefix
 from retain.registry import Registry
@@ -280,10 +282,28 @@ class Method:
         return {k: v for k, v in self.checkpoint_state().items() if k in own}
 
     def task_state(self, task: Task) -> dict[str, torch.Tensor]:
-        """The tensors, or row slices of tensors, that ``task`` alone owns in the deployed model, by name (default:
-        its head). Tensors every task shares and overwrites belong to the model, not to a task."""
-        return {n: p for n, p in self.model.named_parameters() if n.startswith(head_prefix(task.index))}
+        """What a deployment keeps to serve ``task`` beyond what it would keep without it, by name
+        (``retain.metrics.storage_rule``): in a stream, the tensors or row slices the task alone owns (default: its
+        head; tensors every task shares and overwrites belong to the model); with one task per deployment (the
+        fine-tuning protocol), also everything the task trained (``trained_state``). Methods add what they own."""
+        state = {n: p for n, p in self.model.named_parameters() if n.startswith(head_prefix(task.index))}
+        if storage_rule(self.scenario.protocol) == "deployment":
+            state = self.trained_state(task) | state
+        return state
+
+    def trained_state(self, task: Task) -> dict[str, torch.Tensor]:
+        """The deployed tensors ``task``'s stages change: the parameters they train (``trained_names`` within
+        ``deployed_state``) and, when a stage runs the task's images through the model in train mode (its data are
+        the images, or it trains the backbone), every BatchNorm's running statistics."""
+        stages = [s for s in self.stages(task) if s.has_budget]
+        deployed, names = self.deployed_state(), set(self.trained_names(task, stages))
+        state = {n: deployed[n] for n in deployed if n in names}
+        if any(s.data is None for s in stages) or any(n.startswith("backbone.") for n in names):
+            for prefix, m in self.model.named_modules():
+                if isinstance(m, _BatchNorm) and m.track_running_stats:
+                    state |= {f"{prefix}.{b}": deployed[f"{prefix}.{b}"] for b in ("running_mean", "running_var")}
+        return state
 
     def bytes_per_task(self, task: Task) -> int:
-        """Bytes a deployment keeps for ``task`` on top of the shared model: the size of ``task_state(task)``."""
+        """Bytes a deployment keeps for ``task`` beyond what it keeps without it: the size of ``task_state(task)``."""
         return sum(v.numel() * v.element_size() for v in self.task_state(task).values())

@@ -53,7 +53,3 @@ class SimpleCIL(Method):
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.model.state_dict().items() if k.startswith("head.")}
-
-    def task_state(self, task: Task) -> dict[str, torch.Tensor]:
-        """The task's prototypes (its head weight rows); the head bias is zero, not stored."""
-        return {n: v for n, v in super().task_state(task).items() if n.endswith(".weight")}

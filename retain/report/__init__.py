@@ -63,7 +63,9 @@ NOTE = (
     "finished task; forgetting = max_upto definition (DualPrompt, LN tuning), forgetting (FACIL) = max_before; "
     "task-id acc at the last finished task; task-IL runs: the accuracy columns are task-aware (TAw), TAg the "
     "task-agnostic view; k-NN: retention of the pre-training domain before training and after the last task; "
-    "train and test time summed over tasks."
+    "bytes/task: what a deployment keeps to serve a task beyond what it keeps without it, by the row's bytes rule "
+    "(stream: per-task tensors, shared ones belong to the model; deployment: one task per deployment, everything it "
+    "changed); train and test time summed over tasks."
 )
 GROUP_NOTE = (
     "Runs whose resolved configs differ only in `seed` (and `name`, `out_dir`), with as many finished tasks, form a "

@@ -38,8 +38,9 @@ from retain.runindex import CONFIG_FILE, SWEEP_FILE, read_index
 __all__ = ["GROUP_COLUMNS", "IGNORED_KEYS", "Group", "expand_run_dirs", "group_rows", "group_runs", "run_config"]
 
 IGNORED_KEYS = ("seed", "name", "out_dir")  # a group's runs may differ in these
+SHARED_KEYS = ("storage_rule",)  # text columns every run of a group has alike (its config fixes them)
 GROUP_COLUMNS: dict[str, str] = {"group": "group", "n": "n", "seeds": "seeds", "tasks": "tasks"}
-GROUP_COLUMNS |= {k: v for k, v in COLUMNS.items() if k in NUMERIC_KEYS}
+GROUP_COLUMNS |= {k: v for k, v in COLUMNS.items() if k in NUMERIC_KEYS or k in SHARED_KEYS}
 _MAX_LABEL_KEYS = 3
 
 
@@ -148,8 +149,12 @@ def group_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
     number of the runs' summary rows (``"-"`` when a run lacks it)."""
     out = []
     for g in groups:
-        row: dict[str, Any] = {"group": g.label, "n": g.n, "seeds": ", ".join(map(str, g.seeds)),
-                               "tasks": g.rows[0]["tasks"]}  # fmt: skip
+        row: dict[str, Any] = {
+            "group": g.label,
+            "n": g.n,
+            "seeds": ", ".join(map(str, g.seeds)),
+            "tasks": g.rows[0]["tasks"],
+        } | {k: g.rows[0].get(k, MISSING) for k in SHARED_KEYS}
         for key in table_keys(g.rows):
             if key in NUMERIC_KEYS:
                 row[key] = _stat([r.get(key, MISSING) for r in g.rows])

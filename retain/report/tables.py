@@ -57,6 +57,7 @@ COLUMNS: dict[str, str] = {
     "task_id_accuracy": "task-id acc",
     "trainable_params": "trainable params",
     "bytes_per_task": "bytes/task",
+    "storage_rule": "bytes rule",
     "total_time_s": "train time (s)",
     "test_time_s": "test time (s)",
 }
@@ -78,7 +79,7 @@ _PERCENT_KEYS = (
 )
 # The numbers of a row (averaged over a group of seeds); every other column is a label.
 NUMERIC_KEYS = (*_PERCENT_KEYS, "trainable_params", "bytes_per_task", "total_time_s", "test_time_s")
-TEXT_KEYS = ("run", "method", "dataset", "protocol", "group", "seeds")  # left-aligned columns
+TEXT_KEYS = ("run", "method", "dataset", "protocol", "storage_rule", "group", "seeds")  # left-aligned columns
 
 PathLike = str | Path
 
@@ -200,6 +201,7 @@ def summary_rows(run_dirs: PathLike | Iterable[PathLike]) -> list[dict[str, Any]
                 "task_id_accuracy": tid_last,
                 "trainable_params": int(max(params)) if params else MISSING,
                 "bytes_per_task": float(np.mean(nbytes)) if nbytes else MISSING,
+                "storage_rule": str(run.get("storage_rule", MISSING)),
                 "total_time_s": float(total_time) if total_time is not None else MISSING,
                 "test_time_s": sum(test_time) if test_time else MISSING,
             }
