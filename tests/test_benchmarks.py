@@ -125,3 +125,14 @@ def test_suite_writes_one_results_file_and_keeps_going_after_a_failure(tmp_path,
     assert res["scripts"]["pad_overhead"]["rows"][0]["ratio"] == 1.0
     assert res["scripts"]["pad_overhead"]["command"] == "python benchmarks/pad_overhead.py --small --threads 1"
     assert "Failed: ln_tuning_speed" in table.render(res)
+
+
+@pytest.mark.parametrize("script", ["pad_overhead", "ln_tuning_speed", "peft_vit_speed"])
+def test_the_timing_scripts_run_against_the_current_api(script):
+    """One round at the smallest size: a script that no longer runs (an API it calls changed) fails here, not in
+    the suite run that regenerates the README table."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{script}")
+    out = module.collect(["--small", "--rounds", "1", "--warmup", "0", "--batch", "4"])
+    assert out["rows"] and all(r.get("ratio", 1.0) > 0 for r in out["rows"])
