@@ -42,6 +42,7 @@ from retain.config import load_config  # noqa: E402
 from retain.data import ImageDataset, build_transform  # noqa: E402
 from retain.methods import method_names  # noqa: E402
 from retain.models import create_backbone  # noqa: E402
+from retain.models.continual import ContinualModel  # noqa: E402
 
 MODES = ("fp32", "bf16", "bf16+compile")
 N_CLASSES = 100
@@ -69,14 +70,10 @@ TINY = (
 
 
 # ---- one model ------------------------------------------------------------------------------------------------------
-class Classifier(nn.Module):
-    def __init__(self, model: Model) -> None:
-        super().__init__()
-        self.backbone = create_backbone(model.backbone, pretrained=False, **model.kwargs)
-        self.head = nn.Linear(self.backbone.num_features, N_CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True))  # (B, C)
+def classifier(model: Model) -> ContinualModel:
+    """The model's backbone (random weights) with one linear head."""
+    backbone = create_backbone(model.backbone, pretrained=False, **model.kwargs)
+    return ContinualModel(backbone, nn.Linear(backbone.num_features, N_CLASSES))
 
 
 def _sync(device: torch.device) -> None:
@@ -91,7 +88,7 @@ def _peak_mib(device: torch.device) -> float | None:
 def _stepper(model: Model, device: torch.device, mode: str) -> tuple[nn.Module, Callable]:
     """A fresh seeded classifier and ``step(x, y) -> loss`` (SGD) in ``mode``."""
     torch.manual_seed(0)
-    net = Classifier(model).to(device).train()
+    net = classifier(model).to(device).train()
     fwd = torch.compile(net) if mode == "bf16+compile" else net
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode != "fp32")
@@ -144,7 +141,7 @@ def loader_fed(model: Model, device: torch.device, steps: int, warmup: int, work
                                          pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                          drop_last=True)  # fmt: skip
     _, step = _stepper(model, device, "bf16")
-    seconds, seen = 0.0, 0
+    seen = 0
     start = time.perf_counter()
     for i, (x, y) in enumerate(loader):
         step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
@@ -259,7 +256,7 @@ def check_plan(models: tuple[Model, ...]) -> list[str]:
     for m in models:
         try:
             with torch.device("meta"):
-                Classifier(m)
+                classifier(m)
         except Exception as e:  # noqa: BLE001
             problems.append(f"{m.label}: {type(e).__name__}: {e}")
     for name in method_names():

@@ -50,6 +50,7 @@ def _step(args: argparse.Namespace, extra: list[str]) -> Callable[[], None]:
     task = scenario.tasks[1]
     method.model.set_seen(2)
     method.before_task(task)
+    stage = method.stages(task)[0]
     params = [p for p in method.model.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -57,7 +58,7 @@ def _step(args: argparse.Namespace, extra: list[str]) -> Callable[[], None]:
     x = torch.rand(args.batch, 3, args.image_size, args.image_size)
     y = torch.randint(task.offset, task.offset + task.n_classes, (args.batch,))
     method.model.train()
-    return loss_step(method, opt, x, y, None)
+    return loss_step(method, opt, x, y, stage)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

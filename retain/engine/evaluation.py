@@ -109,8 +109,7 @@ def evaluate(method: Method, scenario: Scenario, upto: int, ctx: RunContext,
     Runs inside ``method.deployed()``; extra passes use the engine's loaders (``method.bind(ctx)``).
     """
     start = time.perf_counter()
-    if method.ctx is not ctx:
-        method.bind(ctx)
+    method.bind(ctx)
     with method.deployed():
         result = _evaluate(method, scenario, upto, ctx)
         if retention is not None:

@@ -34,8 +34,7 @@ def fit_task(method: Method, task: Task, ctx: RunContext, saver: Checkpointer | 
     the task started from, then the saved tensors replace the method's and the saved stage continues where it stood.
     """
     start = time.perf_counter() - (resume.task_seconds if resume is not None else 0.0)
-    if method.ctx is not ctx:
-        method.bind(ctx)
+    method.bind(ctx)
     method.model.set_seen(task.index + 1)
     method.before_task(task)
     stages = method.stages(task)

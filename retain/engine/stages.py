@@ -28,11 +28,9 @@ __all__ = ["StageLoop", "Position", "build_optimizer", "fit_stage", "rng_state",
            "stage_loss"]  # fmt: skip
 
 
-def stage_loss(
-    method: Method, stage: Stage | None, batch: tuple[torch.Tensor, torch.Tensor]
-) -> dict[str, torch.Tensor]:
+def stage_loss(method: Method, stage: Stage, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The loss terms of one batch: the stage's own ``Stage.loss``, else ``method.loss(batch, stage)``."""
-    return stage.loss(batch) if stage is not None and stage.loss is not None else method.loss(batch, stage)
+    return stage.loss(batch) if stage.loss is not None else method.loss(batch, stage)
 
 
 def build_optimizer(params: list[nn.Parameter], train: TrainConfig, stage: Stage) -> torch.optim.Optimizer:

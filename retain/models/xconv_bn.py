@@ -198,7 +198,7 @@ class XconvBN(nn.Module):
         """Store every BN's (weight, bias, running_mean, running_var) and every tracked input mean as task ``task``."""
         for name in self.bn_names:
             bn = backbone.get_submodule(name)
-            self.bns[_key(name)].saved[task] = torch.stack([bn.weight, bn.bias, bn.running_mean, bn.running_var])
+            self.bns[_key(name)].saved[task] = torch.stack([getattr(bn, f) for f in _BN_FIELDS])
         for tracker in self.trackers.values():
             tracker.saved[task] = tracker.mean
         self.stored[task] = True
@@ -212,11 +212,8 @@ class XconvBN(nn.Module):
             )
         for name in self.bn_names:
             bn = backbone.get_submodule(name)
-            weight, bias, mean, var = self.bns[_key(name)].saved[task]  # (C,) each
-            bn.weight.copy_(weight)
-            bn.bias.copy_(bias)
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
+            for field, value in zip(_BN_FIELDS, self.bns[_key(name)].saved[task], strict=True):  # (C,) each
+                getattr(bn, field).copy_(value)
         for tracker in self.trackers.values():
             tracker.mean.copy_(tracker.saved[task])
         if recover:
