@@ -190,7 +190,12 @@ class TrainConfig:
     grad_clip: float | None = None
     label_smoothing: float = 0.0
     drop_last: bool = False
-    num_workers: int = 0
+    # dataloader worker processes: auto (retain.engine.loading.auto_workers: the CPUs of this process's share of the
+    # node minus one, at most 16; 0 on a CPU device and for small in-memory data) or a number; results do not depend
+    # on it (every sample's augmentation has its own seed), so it may change on --resume
+    num_workers: int | str = "auto"
+    persistent_workers: bool = True  # keep a training loader's workers between epochs (with workers > 0)
+    prefetch_factor: int = 2  # batches each worker loads ahead (with workers > 0)
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast, used only on a GPU
     compile: bool = False  # torch.compile the backbone's forward_features (meant for a GPU)
@@ -204,11 +209,14 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.num_workers, str) and self.num_workers != "auto":
+            raise ConfigError(f"train.num_workers={self.num_workers!r}; use auto or a number of worker processes (0: "
+                              "load in the training process)")  # fmt: skip
         least = {"epochs": 0, "steps": 0, "batch_size": 1, "eval_batch_size": 1, "lr": 0, "weight_decay": 0,
-                 "threads": 1, "num_workers": 0}  # fmt: skip
+                 "threads": 1, "num_workers": 0, "prefetch_factor": 1}  # fmt: skip
         for key, low in least.items():
             value = getattr(self, key)
-            if value is not None and value < low:
+            if isinstance(value, int | float) and value < low:
                 raise ConfigError(f"train.{key}={value}; it must be >= {low}")
 
 

@@ -23,9 +23,9 @@ import torch.distributed as dist
 
 from retain.config import ConfigError, TrainConfig
 
-__all__ = ["session", "active", "rank", "local_rank", "world_size", "is_main", "barrier", "peer_failure",
-           "all_reduce_sum", "gather_rows", "shard_bounds", "broadcast_buffers", "batch_plan", "BATCH_SCOPES",
-           "LR_SCALINGS"]  # fmt: skip
+__all__ = ["session", "active", "rank", "local_rank", "local_world_size", "world_size", "is_main", "barrier",
+           "peer_failure", "all_reduce_sum", "gather_rows", "shard_bounds", "broadcast_buffers", "batch_plan",
+           "BATCH_SCOPES", "LR_SCALINGS"]  # fmt: skip
 
 BATCH_SCOPES = ("global", "per_process")
 LR_SCALINGS = ("none", "linear")
@@ -47,6 +47,11 @@ def rank() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """Processes on this node (``LOCAL_WORLD_SIZE``, set by torchrun; 1 otherwise)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def is_main() -> bool:

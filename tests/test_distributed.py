@@ -25,12 +25,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import BatchSampler, RandomSampler
 
 from retain.config import ConfigError, TrainConfig, load_config
 from retain.distributed import batch_plan, shard_bounds
 from retain.engine import run
-from retain.engine.context import RankSlices
+from retain.engine.loading import EpochBatches
 
 from conftest import tiny_overrides
 
@@ -159,20 +158,21 @@ def _assert_close(tmp_path: Path, method: str, images: int, tol: float) -> None:
 # ---------------------------------------------------------------------------------------------------------- pure
 
 
-def _batches() -> BatchSampler:
-    """Seeded shuffled batches of 8 over 27 samples, as the one-process training loader makes them."""
-    return BatchSampler(RandomSampler(range(27), generator=torch.Generator().manual_seed(3)), 8, False)
+def _slices(n_samples: int, processes: int, rank: int) -> EpochBatches:
+    """Seeded shuffled global batches of 8, this process's slice of each (1 process: the one-process batches)."""
+    return EpochBatches(n_samples, 8, False, torch.Generator().manual_seed(3), processes, rank)
 
 
 def test_rank_slices_cut_the_one_process_batches_in_order():
-    one = list(_batches())
+    one = list(_slices(27, 1, 0))
+    assert sorted(i for b in one for i, _ in b) == list(range(27))
     for n in (2, 3):
-        slices = [list(RankSlices(_batches(), 27, n, r)) for r in range(n)]
+        slices = [list(_slices(27, n, r)) for r in range(n)]
         joined = [sum((s[i] for s in slices), []) for i in range(len(slices[0]))]  # fmt: skip
-        assert joined == one  # same permutation, same batches, every sample once
+        assert joined == one  # same permutation, same batches, same augmentation seeds, every sample once
         assert [len(b) for b in slices[0]] == [8 // n] * 3 + [3 // n]  # the last batch splits unevenly
-    tiny_tail = RankSlices(BatchSampler(range(17), 8, False), 17, 2, 0)
-    assert len(tiny_tail) == 2  # a last batch of 1 sample cannot be split over 2 processes: dropped
+    tiny_tail = _slices(17, 2, 0)
+    assert len(tiny_tail) == len(list(tiny_tail)) == 2  # a last batch of 1 sample cannot go to 2 processes: dropped
 
 
 def test_shards_cover_every_item_once():
@@ -199,11 +199,15 @@ def test_batch_rule_is_explicit_and_refuses_what_does_not_split():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """Each method once on 1 process (in this process) and once on 2 (one torchrun launch, one start-up)."""
+    """Each method once on 1 process (in this process) and once on 2 (one torchrun launch, one start-up); and an
+    augmented fine-tuning run on 1 process without workers and on 2 processes with 2 workers each."""
     tmp = tmp_path_factory.mktemp("distributed")
     for m in METHODS:
         run(load_config(None, _overrides(tmp, m, name=f"{m}_1")), log=lambda *_: None)
-    _launch(tmp, [_overrides(tmp, m, name=f"{m}_2") for m in METHODS])
+    augmented = _overrides(tmp, "finetune", **{"data.augment": "crop_flip"})
+    run(load_config(None, [*augmented, "name=augmented_1", "train.num_workers=0"]), log=lambda *_: None)
+    runs = [_overrides(tmp, m, name=f"{m}_2") for m in METHODS]
+    _launch(tmp, [*runs, [*augmented, "name=augmented_2", "train.num_workers=2"]])
     return tmp
 
 
@@ -213,6 +217,7 @@ def test_two_processes_match_one(runs):
     for m in EXACT:
         _assert_close(runs, m, images=1, tol=WEIGHT_TOL["exact"])
     _assert_close(runs, "confit", images=2, tol=WEIGHT_TOL["confit"])
+    _assert_close(runs, "augmented", images=1, tol=WEIGHT_TOL["exact"])  # 2 processes x 2 workers, crop + flip
     for m in METHODS:
         plan = _record(runs, f"{m}_2")["distributed"]
         assert (plan["processes"], plan["global_batch"], plan["per_process_batch"]) == (2, 8, 4)

@@ -283,6 +283,20 @@ def test_sigkill_of_a_real_process_then_resume_is_identical(tiny, tmp_path, wher
 
 
 @FORK
+def test_sigkill_inside_an_epoch_with_workers_resumes_exactly(tiny, tmp_path):
+    """2 dataloader workers (prefetching past the kill) and crop + flip: killed at step 5 (batch 2 of 3 of the second
+    epoch; the last checkpoint is at step 4) and resumed with 2 workers, then with none: both end as the
+    uninterrupted run (each sample has its own seed)."""
+    over = _overrides(tiny, **{"data.augment": "crop_flip", "train.num_workers": "2"})
+    full = _run(over, "full")
+    assert _killed(over, "cut", _at_step(5))
+    _assert_same_run(tmp_path, "full", "cut", full, _run(over, "cut", resume=True))
+    assert _killed(over, "cut0", _at_step(5))
+    resumed = _run([*over, "train.num_workers=0"], "cut0", resume=True)
+    _assert_same_run(tmp_path, "full", "cut0", full, resumed)
+
+
+@FORK
 def test_sigkill_at_random_moments_then_resume_is_identical(tiny, tmp_path):
     """Killed from outside at three random moments (any line: a step, a save, an evaluation), resumed each time."""
     over = _overrides(tiny, **{"train.epochs": "6", "run.checkpoint_every": "1"})

@@ -31,8 +31,9 @@ __all__ = ["RunState", "RunDir", "STATE_FILE", "METRICS_FILE", "SCENARIO_FILE", 
 STATE_FILE = "run_state.json"
 METRICS_FILE = "metrics.json"
 # keys that may differ on --resume: they change how a run is executed, not what it computes
-FREE_KEYS = {"train.progress", "train.tensorboard", "train.num_workers", "train.device", "train.threads",
-             "run.checkpoint_every", "run.export_each_task"}  # fmt: skip
+FREE_KEYS = {"train.progress", "train.tensorboard", "train.num_workers", "train.persistent_workers",
+             "train.prefetch_factor", "train.device", "train.threads", "run.checkpoint_every",
+             "run.export_each_task"}  # fmt: skip
 SCENARIO_FILE = "scenario.json"
 INIT_FILE = "init_sha256.json"  # sha256 of every tensor of the model the run started from
 

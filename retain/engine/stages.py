@@ -179,24 +179,21 @@ class StageLoop:
         if self.ddp is not None:  # buffers (BN statistics) moved on each process after DDP's last broadcast
             distributed.broadcast_buffers(self.method.model)
         self.ddp = self._forward = None  # its gradient hooks go with it; the next stage wraps its own trainable set
+        self.loader = None  # and its worker processes
 
     def _batches(self, desc: str) -> tuple[tqdm, Iterator]:
-        """This epoch's batches behind a progress bar; when resuming mid-epoch, the same order with the finished
-        batches skipped and the RNG states restored before the next batch is drawn."""
+        """This epoch's batches and a progress bar; when resuming mid-epoch, the same epoch started at the next
+        batch (the sampler skips the finished ones: nothing of them is read) with the RNG states restored."""
         resume, self._resume = self._resume, None
         if resume is not None:
             self.generator.set_state(resume["generator"])
+            set_rng_state(resume["rng"])
         self._epoch_generator = self.generator.get_state()
-        # tqdm.auto builds (and drops) one iterator of the loader in its constructor, which draws once from the
-        # generator; the batch order of every run so far depends on that draw, so the loader goes in unwrapped
+        self.loader.batch_sampler.skip(self.pos.batch)
         quiet = not (self.ctx.train.progress and distributed.is_main())
-        bar = tqdm(self.loader, desc=desc, leave=False, disable=quiet, dynamic_ncols=True)
-        batches = iter(bar)
-        for _ in range(self.pos.batch):
-            next(batches)
-        if resume is not None:
-            set_rng_state(resume["rng"])  # augmentations continue where they stopped
-        return bar, batches
+        bar = tqdm(total=self.steps_per_epoch, initial=self.pos.batch, desc=desc, leave=False, disable=quiet,
+                   dynamic_ncols=True)  # fmt: skip
+        return bar, iter(self.loader)
 
     def train_epoch(self, after_step: Callable[[StageLoop], None] | None = None) -> dict[str, float]:
         """One pass (or the rest of one) over the data: the method's loss terms are summed, backpropagated and
@@ -228,7 +225,8 @@ class StageLoop:
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v.item()
             self._log(terms)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if after_step is not None:
                 after_step(self)
             if self.pos.step >= self.total_steps:
