@@ -130,6 +130,10 @@ class DataConfig:
     rrc_scale: tuple[float, float] = (0.08, 1.0)
     resize: str = "direct"  # direct | crop (resize to size/0.875, centre crop)
     interpolation: str = "bilinear"
+    # resize + normalise on the device, batched, after the random crop and flip at the native resolution on the CPU
+    # (retain.data.device_resize; equal to the CPU transform up to uint8 rounding, at most 1.1/255 a pixel); meant
+    # for small images upsampled (32-px CIFAR at 224 px); not with augment=crop_flip
+    device_resize: bool = False
     retention: RetentionConfig = field(default_factory=lambda: RetentionConfig())
     bad_images: str = "stop"  # stop (name the first unreadable image file) | skip (drop them with a warning)
 

@@ -136,3 +136,15 @@ def test_the_timing_scripts_run_against_the_current_api(script):
     module = importlib.import_module(f"benchmarks.{script}")
     out = module.collect(["--small", "--rounds", "1", "--warmup", "0", "--batch", "4"])
     assert out["rows"] and all(r.get("ratio", 1.0) > 0 for r in out["rows"])
+
+
+def test_the_input_pipeline_scripts_run(tmp_path):
+    """``benchmarks.device_resize`` and ``benchmarks.workers_cpu`` at their smallest: they still run and measure."""
+    from benchmarks import device_resize, workers_cpu
+
+    out = device_resize.collect(["--small", "--images", "8", "--timing-images", "4", "--batch", "4", "--rounds", "1",
+                                 "--image-size", "64", "--out", str(tmp_path / "d.json")])  # fmt: skip
+    assert out["rows"] and all(r["ratio"] > 0 for r in out["rows"])
+    res = workers_cpu.main(["--quick", "--workers", "0", "1", "--out", str(tmp_path / "w.json")])
+    assert [r["workers"] for r in res["rows"]] == [0, 1] and res["rows"][0]["ratio"] == 1.0
+    assert all(r["seconds"] > 0 for r in res["rows"])

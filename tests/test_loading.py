@@ -124,23 +124,30 @@ def test_resume_reads_none_of_the_skipped_samples(tiny, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------- num_workers
 
 
-def _files(n: int) -> ImageDataset:
-    return ImageDataset(np.zeros(n, dtype=np.int64), ["a"], paths=[f"/nowhere/{i}.jpg" for i in range(n)])
-
-
 def test_auto_workers_rule(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    slow, fast = _augmented(24), _augmented(2)
+    monkeypatch.setattr(loading, "load_seconds", lambda data: 60.0 if data is slow else 0.01)
     monkeypatch.setattr(loading, "cpus_available", lambda: 32)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert auto_workers(_files(10_000), cuda) == 16  # capped
+    assert auto_workers(slow, cuda) == 16  # capped
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert auto_workers(_files(10_000), cuda) == 7  # 32 CPUs / 4 processes, one kept for the training process
+    assert auto_workers(slow, cuda) == 7  # 32 CPUs / 4 processes, one kept for the training process
+    assert auto_workers(fast, cuda) == 0  # loads faster than workers start
     monkeypatch.setattr(loading, "cpus_available", lambda: 4)
-    assert auto_workers(_files(10_000), cuda) == 0  # one CPU per process: nothing to spare
-    assert auto_workers(_files(10_000), cpu) == 0
-    assert auto_workers(_augmented(24), cuda) == 0  # small and decoded already
+    assert auto_workers(slow, cuda) == 0  # one CPU per process: nothing to spare
+    assert auto_workers(slow, cpu) == 0
     ctx = RunContext(TrainConfig(num_workers=3), cpu)
-    assert ctx.workers(_files(10)) == 3  # a number is taken as it is
+    assert ctx.workers(fast) == 3  # a number is taken as it is
+
+
+def test_load_seconds_reads_a_few_samples_and_leaves_the_rng():
+    data, reads = _augmented(100), []
+    real = type(data).load
+    data.load = lambda i: reads.append(i) or real(data, i)
+    before = torch.get_rng_state()
+    assert loading.load_seconds(data) > 0
+    assert reads == [0, 1, 2, 3] and torch.equal(torch.get_rng_state(), before)
 
 
 def test_num_workers_values():
@@ -150,3 +157,34 @@ def test_num_workers_values():
         load_config(None, ["train.num_workers=many"])
     with pytest.raises(ConfigError, match=r"train.num_workers=-1; it must be >= 0"):
         load_config(None, ["train.num_workers=-1"])
+
+
+def test_device_resize_gives_the_cpu_batches_up_to_rounding(tiny, tmp_path):
+    """``data.device_resize=true``: the training loader yields native crops that ``.to(device)`` resizes; with the
+    same per-sample seeds they are the CPU transform's batches to 1.1/255 a pixel (uint8 rounding), and a run
+    trains and evaluates on them."""
+    from retain.engine.build import build_run
+
+    over = tiny(
+        **{
+            "data.augment": "rrc",
+            "data.normalize": "none",
+            "data.image_size": "48",
+            "model.kwargs": "{depth: 1, embed_dim: 32, num_heads: 2, img_size: 48}",
+        }
+    )  # 16-px images upsampled
+    batches = {}
+    for flag in ("false", "true"):
+        cfg = load_config(None, [*over, f"data.device_resize={flag}"])
+        scenario, _ = build_run(cfg, torch.device("cpu"))
+        ctx = RunContext(cfg.train, torch.device("cpu"), seed=cfg.seed)
+        loader = ctx.train_loader(scenario.tasks[0].train, 8, torch.Generator().manual_seed(3))
+        batches[flag] = [x.to(torch.device("cpu")) for x, _ in loader]
+    for cpu, device in zip(batches["false"], batches["true"], strict=True):
+        assert cpu.shape == device.shape == (len(cpu), 3, 48, 48)
+        assert (cpu - device).abs().max() <= 1.1 / 255 + 1e-6
+    assert (batches["false"][0][0] - batches["true"][1][0]).abs().max() > 0.1  # a different image is far
+    with pytest.raises(ConfigError, match="data.device_resize=true cannot do data.augment=crop_flip"):
+        build_run(load_config(None, [*over, "data.device_resize=true", "data.augment=crop_flip"]))
+    record = run(load_config(None, [*over, "data.device_resize=true", "name=dev"]), **QUIET)
+    assert len(record["accuracy_matrix"]) == 2

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from retain import distributed
 from retain.config import ConfigError, RunConfig
 from retain.data import build_transform, check_images, create_dataset
+from retain.data.device_resize import build_native_transform
 from retain.data.scenarios import Scenario, create_scenario
 from retain.methods import METHODS, Method
 from retain.models import TaskHeads, create_backbone, data_config
@@ -55,20 +56,28 @@ def _normalization(cfg: RunConfig, dcfg: dict) -> tuple[Any, Any]:
     raise ConfigError(f"data.normalize={choice!r}; valid: backbone, none, imagenet, half")
 
 
-def build_transforms(cfg: RunConfig, dcfg: dict) -> tuple[Callable, Callable]:
-    """(train, test) transforms of ``cfg.data`` for a backbone with timm data config ``dcfg``."""
+def build_transforms(cfg: RunConfig, dcfg: dict, device_resize: bool = False) -> tuple[Callable, Callable]:
+    """(train, test) transforms of ``cfg.data`` for a backbone with timm data config ``dcfg``; with
+    ``device_resize`` their native-resolution form (``retain.data.device_resize``: batches resized on ``.to``)."""
     d = cfg.data
     size = d.image_size or dcfg["input_size"][-1]
     mean, std = _normalization(cfg, dcfg)
     common = dict(image_size=size, mean=mean, std=std, resize=d.resize, interpolation=d.interpolation)
-    return build_transform(True, augment=d.augment, rrc_scale=d.rrc_scale, **common), build_transform(False, **common)
+    build = build_transform
+    if device_resize:
+        if d.augment == "crop_flip":
+            raise ConfigError("data.device_resize=true cannot do data.augment=crop_flip (its RandomCrop runs after "
+                              "the resize, at the output size); use data.augment=rrc or pad_rrc, or "
+                              "data.device_resize=false")  # fmt: skip
+        build = build_native_transform
+    return build(True, augment=d.augment, rrc_scale=d.rrc_scale, **common), build(False, **common)
 
 
 def build_datasets(cfg: RunConfig, dcfg: dict) -> tuple[Dataset, Dataset, Dataset]:
     """(train with train transform, test, train with test transform) for ``cfg.data``; image files are checked
     first (``data.bad_images``)."""
     d = cfg.data
-    train_tf, test_tf = build_transforms(cfg, dcfg)
+    train_tf, test_tf = build_transforms(cfg, dcfg, device_resize=d.device_resize)
     options = dict(d.options)
     if d.name == "imagefolder" and "manifest" not in options:
         options["manifest"] = str(Path(cfg.out_dir) / cfg.name / "split_manifest.json")

@@ -19,6 +19,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 
 from retain import distributed
 from retain.config import TrainConfig
+from retain.data.device_resize import collate_native
 from retain.engine.loading import EpochBatches, InOrderBatches, SeededSamples, auto_workers
 
 __all__ = ["RunContext", "RunError", "NonFiniteLoss", "RunInterrupted", "whole_batches"]
@@ -68,12 +69,14 @@ class RunContext:
 
     def _loader(self, data: Dataset, sampler: Any, persistent: bool = False) -> DataLoader:
         """A loader of ``sampler``'s batches of ``data``: workers, prefetch and pinned memory (on CUDA) as
-        configured; its own generator seeds the workers (never the global RNG)."""
+        configured; its own generator seeds the workers (never the global RNG); batches of native-resolution crops
+        (``data.device_resize``) are resized on ``.to(device)``."""
         workers = self.workers(data)
         extra = dict(persistent_workers=persistent and self.train.persistent_workers,
                      prefetch_factor=self.train.prefetch_factor) if workers else {}  # fmt: skip
         return DataLoader(data, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
-                          generator=torch.Generator().manual_seed(self.seed), **extra)  # fmt: skip
+                          collate_fn=collate_native, generator=torch.Generator().manual_seed(self.seed),
+                          **extra)  # fmt: skip
 
     def train_loader(self, data: Dataset, batch_size: int, generator: torch.Generator) -> DataLoader:
         """Shuffled batches drawn with ``generator`` (its state at an epoch's start fixes the epoch's order and

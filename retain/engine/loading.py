@@ -16,6 +16,7 @@ Not covered: a custom transform that draws from Python's ``random`` or NumPy's g
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +25,8 @@ from torch.utils.data import Dataset, Sampler
 
 from retain import distributed
 
-__all__ = ["EpochBatches", "InOrderBatches", "SeededSamples", "auto_workers", "sample_seed", "source_dataset"]
+__all__ = ["EpochBatches", "InOrderBatches", "SeededSamples", "auto_workers", "cpus_available", "load_seconds",
+           "sample_seed"]  # fmt: skip
 
 _MASK = (1 << 64) - 1
 
@@ -121,17 +123,6 @@ class InOrderBatches(Sampler[list[tuple[int, int]]]):
             yield [(i, sample_seed(seed, i)) for i in self.indices[lo : lo + self.batch_size]]
 
 
-def source_dataset(data: Dataset) -> Dataset:
-    """The dataset under wrappers (``Subset.dataset``, a scenario view's ``base``)."""
-    seen = 0
-    while seen < 16:
-        inner = getattr(data, "dataset", None) or getattr(data, "base", None)
-        if inner is None:
-            return data
-        data, seen = inner, seen + 1
-    return data
-
-
 def cpus_available() -> int:
     """CPUs this process may run on (its affinity mask, else the machine's count)."""
     try:
@@ -140,14 +131,36 @@ def cpus_available() -> int:
         return os.cpu_count() or 1
 
 
+# starting workers: the first batch of 1-4 forked workers came 0.09-0.32 s after iter() on the 2-core machine
+# (docs/performance.md); an epoch that loads faster than this in the training process is loaded there
+WORKER_START_S = 0.5
+
+
+def load_seconds(data: Dataset, probes: int = 4) -> float:
+    """Seconds this process takes to read (decode + transform) all of ``data``, from its first ``probes`` samples;
+    the CPU generator is restored after the reads (a random transform draws from it)."""
+    n = min(probes, len(data))
+    if n == 0:
+        return 0.0
+    state = torch.default_generator.get_state()
+    try:
+        started = time.perf_counter()
+        for i in range(n):
+            data[i]
+        return (time.perf_counter() - started) / n * len(data)
+    finally:
+        torch.default_generator.set_state(state)
+
+
 def auto_workers(data: Dataset, device: torch.device, cap: int = 16) -> int:
-    """``train.num_workers: auto``: the CPUs of this process's share of the node, one kept for the training
-    process, at most ``cap``; 0 for data that is decoded already (a uint8 array in memory) and small enough that
-    starting workers costs more than they save, and 0 on a CPU device (docs/performance.md measures both)."""
+    """``train.num_workers: auto``: on a GPU, the CPUs of this process's share of the node (affinity mask / processes
+    on the node), one kept for the training process, at most ``cap``; 0 when reading all of ``data`` here takes
+    less than starting workers (tiny or in-memory data, :data:`WORKER_START_S`); 0 on a CPU device, where workers
+    take cores from the training process's threads (docs/performance.md measures both choices)."""
     if device.type == "cpu":
         return 0
-    source = source_dataset(data)
-    if getattr(source, "images", None) is not None and len(data) <= 2048:
+    share = cpus_available() // distributed.local_world_size()
+    workers = max(0, min(cap, share - 1))
+    if workers and load_seconds(data) < WORKER_START_S:
         return 0
-    share = cpus_available() // max(1, distributed.local_world_size())
-    return max(0, min(cap, share - 1))
+    return workers

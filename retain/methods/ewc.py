@@ -106,7 +106,8 @@ class EWC(Method):
 
         ``facil``: FACIL's training loader, shuffled, cut to its ``len // batch_size`` full batches; the order is
         a permutation from a ``torch.Generator`` seeded by one draw of the global RNG (which the engine seeds per
-        task), so a run is deterministic; augmentations draw from the global RNG as in training.
+        task), so a run is deterministic; each image is augmented under its own seed as in training
+        (``retain.engine.loading``).
         """
         if self.cfg.fisher == "eval":
             return self.loader(task.train_eval, self.cfg.fisher_batch_size)
