@@ -6,9 +6,10 @@ paper presets' real sizes (random weights: nothing is downloaded):
 
 Per model (ViT-B/16 and ViT-Ti/16 at 224 px, PAD's early-conv ViT at 32 px, ResNet-18 at 224 px; a linear head):
 - train img/s and peak device memory in fp32, bf16 autocast and bf16 + ``torch.compile`` (compile time apart);
-- loader-fed vs in-memory img/s: bf16 steps fed by retain's ``ImageDataset`` of 32-px uint8 images through the
-  CIFAR presets' train transform (resize, crop + flip, normalise) with N workers and pinned memory, against the same
-  steps on a batch already on the device (ratio < 1: the input pipeline is the bottleneck at N workers);
+- loader-fed vs in-memory img/s: bf16 steps fed by the engine's training loader over ``ImageDataset`` of 32-px uint8
+  images through the CIFAR-at-224 presets' train transform (RandomResizedCrop + flip, normalise) with N workers
+  (default: what ``train.num_workers=auto`` picks) and pinned memory, on the CPU and with ``data.device_resize``,
+  against the same steps on a batch already on the device (ratio < 1: the input pipeline is the bottleneck);
 - fp32 vs bf16 loss after 20 identical SGD steps (relative difference).
 Then through the engine on the device: a run SIGKILLed inside an epoch and resumed, with 2 dataloader workers and
 augmentation, against the uninterrupted run (identical weights?), and one short run of every registered method.
@@ -38,8 +39,10 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-from retain.config import load_config  # noqa: E402
+from retain.config import TrainConfig, load_config  # noqa: E402
 from retain.data import ImageDataset, build_transform  # noqa: E402
+from retain.data.device_resize import build_native_transform  # noqa: E402
+from retain.engine.context import RunContext  # noqa: E402
 from retain.methods import method_names  # noqa: E402
 from retain.models import create_backbone  # noqa: E402
 from retain.models.continual import ContinualModel  # noqa: E402
@@ -130,16 +133,21 @@ def speed(model: Model, device: torch.device, mode: str, steps: int, warmup: int
     return {"img_s": model.batch * steps / seconds, "peak_mib": _peak_mib(device), "warmup_s": warm}
 
 
-def loader_fed(model: Model, device: torch.device, steps: int, warmup: int, workers: int) -> dict:
-    """bf16 img/s fed by retain's ImageDataset + DataLoader (32-px uint8 images, CIFAR presets' train transform)."""
+def loader_fed(model: Model, device: torch.device, steps: int, warmup: int, workers: int | str,
+               device_resize: bool = False) -> dict:  # fmt: skip
+    """bf16 img/s fed by the engine's training loader (``RunContext.train_loader``: per-sample seeds, pinned memory,
+    ``workers`` or auto) over ``ImageDataset`` of 32-px uint8 images through the CIFAR-at-224 presets' train transform
+    (RandomResizedCrop + flip + normalise): on the CPU, or cropped at 32 px and resized on the device
+    (``data.device_resize``)."""
     n = model.batch * (steps + warmup)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)  # (N, 32, 32, 3), as CIFAR in memory
-    transform = build_transform(True, model.size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), augment="crop_flip")
+    build = build_native_transform if device_resize else build_transform
+    transform = build(True, model.size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), augment="rrc")
     data = ImageDataset(rng.integers(0, N_CLASSES, n), [str(c) for c in range(N_CLASSES)], images, transform=transform)
-    loader = torch.utils.data.DataLoader(data, batch_size=model.batch, shuffle=True, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                         drop_last=True)  # fmt: skip
+    ctx = RunContext(TrainConfig(num_workers=workers), device)
+    workers = ctx.workers(data)
+    loader = ctx.train_loader(data, model.batch, torch.Generator().manual_seed(0))
     _, step = _stepper(model, device, "bf16")
     seen = 0
     start = time.perf_counter()
@@ -176,9 +184,10 @@ def check_model(model: Model, device: torch.device, args: argparse.Namespace) ->
             row[mode] = speed(model, device, mode, args.steps, args.warmup)
         except Exception as e:  # noqa: BLE001 - a failing mode is a finding, the check goes on
             row[mode] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    fed = loader_fed(model, device, args.steps, args.warmup, args.workers)
     ref = row.get("bf16", {}).get("img_s")
-    row["loader"] = fed | {"ratio_to_in_memory": fed["img_s"] / ref if fed["img_s"] and ref else None}
+    for key, on_device in (("loader", False), ("loader_device_resize", True)):
+        fed = loader_fed(model, device, args.steps, args.warmup, args.workers, on_device)
+        row[key] = fed | {"ratio_to_in_memory": fed["img_s"] / ref if fed["img_s"] and ref else None}
     row["agreement"] = agreement(model, device)
     return row
 
@@ -277,14 +286,22 @@ def table(rows: list[dict]) -> str:
         mem = f", {r['peak_mib']:,.0f} MiB" if r.get("peak_mib") is not None else ""
         return f"{r['img_s']:,.0f}{mem}" + (f" (compile {r['warmup_s']:.0f} s)" if mode == "bf16+compile" else "")
 
-    header = "| model | batch | fp32 img/s | bf16 img/s | bf16+compile img/s | loader-fed / in-memory | bf16 vs fp32 |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    def fed(row: dict, key: str) -> str:
+        ratio = row[key]["ratio_to_in_memory"]
+        return f"{ratio:.2f} ({row[key]['workers']} workers)" if ratio is not None else "-"
+
+    header = ("| model | batch | fp32 img/s | bf16 img/s | bf16+compile img/s | loader-fed / in-memory | same, device "
+              "resize | bf16 vs fp32 |")  # fmt: skip
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ratio = r["loader"]["ratio_to_in_memory"]
-        fed = f"{ratio:.2f} ({r['loader']['workers']} workers)" if ratio is not None else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {cell(r, 'fp32')} | {cell(r, 'bf16')} | "
-                     f"{cell(r, 'bf16+compile')} | {fed} | {r['agreement']['rel_diff']:.2e} |")  # fmt: skip
+                     f"{cell(r, 'bf16+compile')} | {fed(r, 'loader')} | {fed(r, 'loader_device_resize')} | "
+                     f"{r['agreement']['rel_diff']:.2e} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _workers(value: str) -> int | str:
+    return value if value == "auto" else int(value)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -293,7 +310,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="two tiny models instead of the paper presets' (tests, CPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers")
+    p.add_argument("--workers", type=_workers, default="auto", help="loader workers (default: auto, as a run picks)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the bf16 + compile column")
     p.add_argument("--methods", nargs="+", default=None, help="only these methods' short runs (default: all)")
     p.add_argument("--out", default=None, help="JSON file (default: $OUT/gpu_check.json, else benchmarks/results/)")

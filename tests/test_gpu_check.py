@@ -48,6 +48,7 @@ def test_the_whole_check_runs_on_the_cpu_on_tiny_models(tmp_path, capsys):
     for row in result["rows"]:
         assert row["fp32"]["img_s"] > 0 and row["bf16"]["img_s"] > 0 and "bf16+compile" not in row
         assert row["loader"]["img_s"] > 0 and row["loader"]["workers"] == 2
+        assert row["loader_device_resize"]["img_s"] > 0 and row["loader_device_resize"]["workers"] == 2
         assert row["agreement"]["rel_diff"] < 0.1  # bf16 and fp32 train alike for 20 steps
     # SIGKILL inside an epoch with 2 workers and augmentation, then --resume: the uninterrupted run's weights
     assert result["resume"]["killed"] and result["resume"]["identical"]
