@@ -4,6 +4,9 @@ On a CPU the training process's own threads use every core, so a worker decoding
 instead of running beside an idle GPU. This measures whether workers still pay there, which sets what
 ``train.num_workers: auto`` picks on a CPU device (``retain.engine.loading.auto_workers``).
 
+Also the start-up of 1, 2 and 4 forked workers (first batch after ``iter()``), the figure behind
+``WORKER_START_S``: an epoch that loads faster than that in the training process is loaded there.
+
 Data: generated JPEGs in an ImageFolder layout at ImageNet-R-like sizes (about 500 x 400), RandomResizedCrop(224) +
 flip, ImageNet normalisation; model ``vit_tiny_patch16_224`` at random init (nothing downloaded), fine-tuning, one
 task of 4 classes, SGD. Every variant runs once per round in a rotated order (``benchmarks.common``); the ratio is
@@ -20,6 +23,7 @@ import json
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +51,22 @@ def write_jpegs(root: Path, classes: int, per_class: int, size: tuple[int, int],
                 noise = rng.integers(-12, 13, (h, w, 3), dtype=np.int16)
                 image = np.clip(field + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(image).save(folder / f"{i}.jpg", quality=90)
+
+
+def startup_seconds(workers: int, repeats: int = 5) -> float:
+    """Median seconds from ``iter(loader)`` to the first batch of a trivial in-memory dataset with ``workers``
+    forked workers, minus the same in the training process: what starting workers costs (``WORKER_START_S``)."""
+    data = torch.utils.data.TensorDataset(torch.zeros(64, 3, 32, 32))
+
+    def first(n: int) -> float:
+        with warnings.catch_warnings():  # more workers than this machine's CPUs: what the figure is about
+            warnings.simplefilter("ignore")
+            loader = torch.utils.data.DataLoader(data, batch_size=8, num_workers=n)
+            started = time.perf_counter()
+            next(iter(loader))
+            return time.perf_counter() - started
+
+    return statistics.median(first(workers) - first(0) for _ in range(repeats))
 
 
 def _overrides(root: Path, out: Path, workers: int, quick: bool, name: str) -> list[str]:
@@ -89,8 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| workers | wall s (median of {rounds}) | t({base} workers) / t(workers) |\n|---:|---:|---:|")
     for r in rows:
         print(f"| {r['workers']} | {r['seconds']:.1f} | {r['ratio']:.2f} |")
+    startup = {w: startup_seconds(w) for w in (1, 2, 4)}
+    print("worker start-up (first batch after iter(), minus in-process): "
+          + ", ".join(f"{w} worker(s) {s:.2f} s" for w, s in startup.items()))  # fmt: skip
     result = {"machine": machine_info(), "torch_threads": torch.get_num_threads(), "rounds": rounds,
-              "train_images": 4 * per_class, "quick": args.quick, "rows": rows,
+              "train_images": 4 * per_class, "quick": args.quick, "rows": rows, "startup_s": startup,
               "seconds": time.perf_counter() - started}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
