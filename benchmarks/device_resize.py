@@ -40,7 +40,7 @@ RRC = TRAIN | {"augment": "rrc"}
 TRANSFORMS = {  # name: (presets, build_transform arguments, normalisation)
     "rrc (0.08, 1) bilinear": ("peft_vit/cifar100_* train", RRC | {"rrc_scale": (0.08, 1.0)}, HALF),
     "rrc (0.05, 1) bicubic": ("ln_tuning/cifar100* train", RRC | {"rrc_scale": (0.05, 1.0)} | BICUBIC, None),
-    "pad_rrc bilinear": ("pad/cifar100_* train", TRAIN | {"augment": "pad_rrc"}, HALF),
+    "pad_rrc bilinear": ("Pad(4) + RandomResizedCrop at 32 px, upsampled", TRAIN | {"augment": "pad_rrc"}, HALF),
     "none + crop bilinear": ("confit/cifar100 train+test", TEST | {"resize": "crop"}, IMAGENET),
     "none + direct bilinear": ("peft_vit/cifar100_* test", TEST | {"resize": "direct"}, HALF),
     "none + crop bicubic": ("ln_tuning/cifar100* test", TEST | {"resize": "crop"} | BICUBIC, None),

@@ -497,3 +497,25 @@ def test_transform_invalid_values() -> None:
         build_transform(False, 32, None, None, interpolation="nearest")
     with pytest.raises(ValueError, match="std"):
         build_transform(False, 32, (0.5, 0.5, 0.5), None)
+
+
+def test_facil_pad_order_resizes_first_for_cifar100_224() -> None:
+    """FACIL's ``cifar100_224``: Resize(224), Pad(4), RandomResizedCrop(224), flip (``resize_pad_rrc``: a 4-px zero
+    border on the 224-px image, 4/232 of it); ``pad_rrc`` pads the native image (ImageNet32 at 32 px: 4/40)."""
+    from torchvision.transforms import v2
+
+    steps = build_transform(True, 224, None, None, augment="resize_pad_rrc").transforms
+    assert [type(t) for t in steps[:4]] == [v2.Resize, v2.Pad, v2.RandomResizedCrop, v2.RandomHorizontalFlip]
+    assert [type(t) for t in build_transform(True, 32, None, None, augment="pad_rrc").transforms[:3]] == [
+        v2.Pad, v2.RandomResizedCrop, v2.RandomHorizontalFlip]  # fmt: skip
+    image = _image(value=200)  # (3, 32, 32)
+    torch.manual_seed(0)
+    by_hand = v2.Compose([v2.Resize((224, 224), antialias=True), v2.Pad(4),
+                          v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()])(image)  # fmt: skip
+    torch.manual_seed(0)
+    out = build_transform(True, 224, None, None, augment="resize_pad_rrc")(image)
+    torch.testing.assert_close(out, by_hand.float() / 255)
+    from retain.config import load_config
+
+    assert load_config("pad/cifar100_lwf", []).data.augment == "resize_pad_rrc"
+    assert load_config("pad/imagenet32_lwf", []).data.augment == "pad_rrc"

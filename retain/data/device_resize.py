@@ -31,9 +31,11 @@ On the 500 real CIFAR-10 images shipped with the package the difference is at mo
 ``python -m benchmarks.device_resize``). Not decomposable: ``augment="crop_flip"`` in training (its RandomCrop with
 padding 4 runs after the resize, at the output resolution).
 
-Presets served: ``pad/cifar100_*`` (pad_rrc, bilinear), ``peft_vit/cifar100_*`` (rrc (0.08, 1) bilinear; test
+Presets served: ``peft_vit/cifar100_*`` (rrc (0.08, 1) bilinear; test
 Resize((224, 224))), ``ln_tuning/cifar100*`` (rrc (0.05, 1) bicubic; test Resize(256) + CenterCrop(224), bicubic),
-``confit/cifar100`` (no augmentation, Resize(256) + CenterCrop(224), bilinear): 32-px CIFAR-100 at 224 px.
+``confit/cifar100`` (no augmentation, Resize(256) + CenterCrop(224), bilinear): 32-px CIFAR-100 at 224 px; the
+test transform of ``pad/cifar100_*`` (Resize((224, 224))), not its training one (FACIL's ``cifar100_224`` pads and
+crops the image resized to 224 px). ``pad_rrc`` (Pad(4) + RandomResizedCrop at the native size) is supported too.
 
     tf = build_native_transform(True, 224, mean, std, augment="rrc")     # dataset transform: uint8 -> NativeCrop
     loader = DataLoader(dataset, batch_size=128, collate_fn=collate_native, pin_memory=True)
@@ -159,9 +161,9 @@ def build_native_transform(
     Raises:
         ValueError: ``train`` with ``augment="crop_flip"`` (not decomposable), or an invalid argument.
     """
-    if train and augment == "crop_flip":
+    if train and augment in ("crop_flip", "resize_pad_rrc"):
         raise ValueError(
-            "augment 'crop_flip' is not supported on the device-resize path: its RandomCrop(padding=4) runs after "
+            f"augment {augment!r} is not supported on the device-resize path: its crop (and padding) runs after "
             f"the resize, at the output resolution ({image_size} px), so its offsets and zero border are fractions "
             "of a native pixel, not a crop of the native image; use the CPU transform (or augment 'rrc'/'pad_rrc')"
         )

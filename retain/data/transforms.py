@@ -9,7 +9,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 __all__ = ["AUGMENTS", "INTERPOLATIONS", "RESIZES", "build_transform"]
 
-AUGMENTS = ("none", "crop_flip", "rrc", "pad_rrc")
+AUGMENTS = ("none", "crop_flip", "rrc", "pad_rrc", "resize_pad_rrc")
 RESIZES = ("direct", "crop")
 INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 _CROP_PCT = 0.875
@@ -39,7 +39,9 @@ def build_transform(
         std: per-channel std (required when ``mean`` is given).
         augment: "none"; "crop_flip" (resize, RandomCrop with padding 4, horizontal flip);
             "rrc" (RandomResizedCrop with ``rrc_scale``, horizontal flip); "pad_rrc" (zero padding 4, then
-            RandomResizedCrop, horizontal flip: FACIL's ``pad`` + ``crop`` + ``flip`` for 32-px data).
+            RandomResizedCrop, horizontal flip: FACIL's ``pad`` + ``crop`` + ``flip`` for 32-px data);
+            "resize_pad_rrc" (resize to image_size, zero padding 4, RandomResizedCrop, horizontal flip: FACIL's
+            ``resize`` + ``pad`` + ``crop`` + ``flip``, its ``cifar100_224``).
         rrc_scale: area range of RandomResizedCrop.
         resize: without augmentation, "direct" resizes to (image_size, image_size) (a no-op at that size);
             "crop" resizes the short side to int(image_size / 0.875) then centre-crops (timm's eval transform).
@@ -62,8 +64,9 @@ def build_transform(
             v2.RandomCrop(image_size, padding=4),
             v2.RandomHorizontalFlip(),
         ]
-    elif train and augment in ("rrc", "pad_rrc"):
-        steps += [v2.Pad(4)] if augment == "pad_rrc" else []
+    elif train and augment in ("rrc", "pad_rrc", "resize_pad_rrc"):
+        steps += [v2.Resize(size, interpolation=interp, antialias=True)] if augment == "resize_pad_rrc" else []
+        steps += [v2.Pad(4)] if augment != "rrc" else []
         steps += [
             v2.RandomResizedCrop(image_size, scale=tuple(rrc_scale), interpolation=interp, antialias=True),
             v2.RandomHorizontalFlip(),

@@ -65,9 +65,9 @@ def build_transforms(cfg: RunConfig, dcfg: dict, device_resize: bool = False) ->
     common = dict(image_size=size, mean=mean, std=std, resize=d.resize, interpolation=d.interpolation)
     build = build_transform
     if device_resize:
-        if d.augment == "crop_flip":
-            raise ConfigError("data.device_resize=true cannot do data.augment=crop_flip (its RandomCrop runs after "
-                              "the resize, at the output size); use data.augment=rrc or pad_rrc, or "
+        if d.augment in ("crop_flip", "resize_pad_rrc"):
+            raise ConfigError(f"data.device_resize=true cannot do data.augment={d.augment} (its crop works on the "
+                              "resized image, at the output size); use data.augment=rrc or pad_rrc, or "
                               "data.device_resize=false")  # fmt: skip
         build = build_native_transform
     return build(True, augment=d.augment, rrc_scale=d.rrc_scale, **common), build(False, **common)
