@@ -5,14 +5,16 @@ paper presets' real sizes (random weights: nothing is downloaded):
     python -m benchmarks.gpu_check --tiny --device cpu      # the same code on two tiny models, on the CPU (tested)
 
 Per model (ViT-B/16 and ViT-Ti/16 at 224 px, PAD's early-conv ViT at 32 px, ResNet-18 at 224 px; a linear head):
-- train img/s and peak device memory in fp32, bf16 autocast and bf16 + ``torch.compile`` (compile time apart);
+- train img/s and peak device memory in fp32 (TF32 off), fp32 with TF32 matmuls and convolutions (``train.tf32``),
+  bf16 autocast and bf16 + ``torch.compile`` (compile time apart; both with TF32 on, as a run by default);
 - loader-fed vs in-memory img/s: bf16 steps fed by the engine's training loader over ``ImageDataset`` of 32-px uint8
   images through the CIFAR-at-224 presets' train transform (RandomResizedCrop + flip, normalise) with N workers
   (default: what ``train.num_workers=auto`` picks) and pinned memory, on the CPU and with ``data.device_resize``,
   against the same steps on a batch already on the device (ratio < 1: the input pipeline is the bottleneck);
 - fp32 vs bf16 loss after 20 identical SGD steps (relative difference).
 Then through the engine on the device: a run SIGKILLed inside an epoch and resumed, with 2 dataloader workers and
-augmentation, against the uninterrupted run (identical weights?), and one short run of every registered method.
+augmentation, against the uninterrupted run (identical weights?), and one short run of every registered method, with
+the precision a run used (metrics.json "precision": autocast, TF32 on or off).
 
 Without CUDA and without ``--device`` it checks its own plan (every model builds on the meta device, every method's
 run config parses), says so in one line and exits 0.
@@ -42,12 +44,13 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from retain.config import TrainConfig, load_config  # noqa: E402
 from retain.data import ImageDataset, build_transform  # noqa: E402
 from retain.data.device_resize import build_native_transform  # noqa: E402
+from retain.engine.build import tf32_mode  # noqa: E402
 from retain.engine.context import RunContext  # noqa: E402
 from retain.methods import method_names  # noqa: E402
 from retain.models import create_backbone  # noqa: E402
 from retain.models.continual import ContinualModel  # noqa: E402
 
-MODES = ("fp32", "bf16", "bf16+compile")
+MODES = ("fp32", "tf32", "bf16", "bf16+compile")
 N_CLASSES = 100
 
 
@@ -115,7 +118,13 @@ def _batch(model: Model, device: torch.device, seed: int = 0) -> tuple[torch.Ten
 
 
 def speed(model: Model, device: torch.device, mode: str, steps: int, warmup: int) -> dict:
-    """Train img/s on one batch held on the device, peak memory, and the warm-up (compile) seconds."""
+    """Train img/s on one batch held on the device, peak memory, and the warm-up (compile) seconds; TF32 off in
+    ``fp32`` mode, on in the others (no effect off CUDA)."""
+    with tf32_mode(mode != "fp32", device):
+        return _speed(model, device, "fp32" if mode == "tf32" else mode, steps, warmup)
+
+
+def _speed(model: Model, device: torch.device, mode: str, steps: int, warmup: int) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _, step = _stepper(model, device, mode)
@@ -252,7 +261,8 @@ def every_method(device: str, out_dir: str, names: list[str] | None = None) -> d
         start = time.perf_counter()
         try:
             rec = run(load_config(None, _tiny_run(device, f"m-{name}", out_dir, **extra)), log=lambda *_: None)
-            out[name] = {"ok": True, "seconds": time.perf_counter() - start, "final_acc": rec["accuracy_matrix"][-1]}
+            out[name] = {"ok": True, "seconds": time.perf_counter() - start, "final_acc": rec["accuracy_matrix"][-1],
+                         "precision": rec["precision"]}  # fmt: skip
         except Exception as e:  # noqa: BLE001 - a failing method is a finding, the check goes on
             out[name] = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     return out
@@ -290,11 +300,11 @@ def table(rows: list[dict]) -> str:
         ratio = row[key]["ratio_to_in_memory"]
         return f"{ratio:.2f} ({row[key]['workers']} workers)" if ratio is not None else "-"
 
-    header = ("| model | batch | fp32 img/s | bf16 img/s | bf16+compile img/s | loader-fed / in-memory | same, device "
-              "resize | bf16 vs fp32 |")  # fmt: skip
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    header = ("| model | batch | fp32 img/s | tf32 img/s | bf16 img/s | bf16+compile img/s | loader-fed / in-memory | "
+              "same, device resize | bf16 vs fp32 |")  # fmt: skip
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {cell(r, 'fp32')} | {cell(r, 'bf16')} | "
+        lines.append(f"| {r['model']} | {r['batch']} | {cell(r, 'fp32')} | {cell(r, 'tf32')} | {cell(r, 'bf16')} | "
                      f"{cell(r, 'bf16+compile')} | {fed(r, 'loader')} | {fed(r, 'loader_device_resize')} | "
                      f"{r['agreement']['rel_diff']:.2e} |")  # fmt: skip
     return "\n".join(lines)
@@ -347,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [n for n, r in result["methods"].items() if not r["ok"]]
     print(f"every method, one short run: {len(result['methods']) - len(failed)} ok" +
           (f", failed: {', '.join(failed)}" if failed else ""))  # fmt: skip
+    result["precision"] = next((r["precision"] for r in result["methods"].values() if r["ok"]), None)
+    print(f"precision of a run with the default train.tf32 (metrics.json): {result['precision']}")
     result["seconds"] = time.perf_counter() - start
     out = Path(args.out) if args.out else Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
     out = out / "gpu_check.json" if out.suffix != ".json" else out

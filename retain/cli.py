@@ -124,8 +124,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
     else:
         for k, v in info.items():
+            if k.startswith("disk_") and isinstance(v, int | list) and not isinstance(v, bool):
+                v = ", ".join(map(_size, v)) if isinstance(v, list) else _size(v)
             print(f"{k:>22s}: {v}")
     return 0
+
+
+def _size(n: int) -> str:
+    """Bytes as a short decimal size: 3.3 GB, 512 kB, 17 B."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ __all__ = [
     "RunOptions",
     "BAD_IMAGES",
     "checkpoint_interval",
+    "checkpoints_kept",
     "ModelConfig",
     "TrainConfig",
     "RunConfig",
@@ -126,7 +127,7 @@ class DataConfig:
     num_classes: int | None = None  # lets `retain inspect` work without the data; checked against it at run time
     image_size: int | None = None  # None: the backbone's input size
     normalize: str = "backbone"  # backbone | none | imagenet | half (mean=std=0.5)
-    augment: str = "none"  # none | crop_flip | rrc
+    augment: str = "none"  # none | crop_flip | rrc | pad_rrc | resize_pad_rrc (retain.data.transforms)
     rrc_scale: tuple[float, float] = (0.08, 1.0)
     resize: str = "direct"  # direct | crop (resize to size/0.875, centre crop)
     interpolation: str = "bilinear"
@@ -202,6 +203,9 @@ class TrainConfig:
     prefetch_factor: int = 2  # batches each worker loads ahead (with workers > 0)
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast, used only on a GPU
+    # TF32 for float32 matmuls and cuDNN convolutions on a CUDA device (Ampere or newer); no effect on CPU. What was
+    # used is written to metrics.json ("precision"); false: full float32 (torch >= 1.12's matmul default)
+    tf32: bool = True
     compile: bool = False  # torch.compile the backbone's forward_features (meant for a GPU)
     # multi-process runs (torchrun, docs/distributed.md): global = batch_size is one step's batch over all
     # processes (each takes batch_size / N) | per_process = each takes batch_size; lr_scaling: none | linear (x N,
@@ -243,6 +247,18 @@ def checkpoint_interval(every: int | str | bool | None) -> tuple[int | None, flo
                       "or off")  # fmt: skip
 
 
+def checkpoints_kept(keep: int | str) -> int | None:
+    """``run.keep_checkpoints`` as the number of newest per-task checkpoints kept (None: all); ConfigError naming
+    the valid forms."""
+    if keep == "all":
+        return None
+    if keep == "last":
+        return 1
+    if isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1:
+        return keep
+    raise ConfigError(f"run.keep_checkpoints={keep!r}; valid: last, all or a number of newest tasks to keep (>= 1)")
+
+
 @dataclass
 class RunOptions:
     """How a run is saved while it runs (not what it computes): may change on ``--resume``."""
@@ -253,9 +269,13 @@ class RunOptions:
     # after every task, also write the run's artefact (retain-artefact-v1, as `retain export`) to
     # runs/<name>/artefact.safetensors, so a stopped run leaves a deployable model of its finished tasks
     export_each_task: bool = False
+    # per-task checkpoints (checkpoints/task_NNN.safetensors) kept once a newer one and the run state naming it are
+    # written: last (what --resume and `retain export` read) | all | N (the newest N)
+    keep_checkpoints: int | str = "last"
 
     def __post_init__(self) -> None:
         checkpoint_interval(self.checkpoint_every)
+        checkpoints_kept(self.keep_checkpoints)
 
 
 @dataclass

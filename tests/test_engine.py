@@ -33,7 +33,7 @@ def test_run_writes_config_metrics_and_checkpoints(tiny, tmp_path):
     assert saved["accuracy_matrix"][0][1] is None
     assert saved["metrics"]["average_accuracy"] == pytest.approx(sum(saved["accuracy_matrix"][1]) / 2)
     assert saved["trainable_params"][0] > 0 and saved["bytes_per_task"][0] > 0
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["task_000.safetensors", "task_001.safetensors"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["task_001.safetensors"]  # keep_checkpoints=last
     assert record["accuracy_matrix"] == saved["accuracy_matrix"]
 
 
@@ -64,7 +64,8 @@ def test_task_il_protocol_evaluates_within_the_task(tiny, tmp_path):
     # slice, changes a value).
     opts = "{n_classes: 6, n_per_class: 12, n_test_per_class: 6, image_size: 16}"
     over = tiny(name="til", **{"scenario.protocol": "task_il", "method.name": "finetune", "data.options": opts,
-                               "train.optimizer": "adam", "train.lr": "0.003", "train.epochs": "2"})  # fmt: skip
+                               "train.optimizer": "adam", "train.lr": "0.003", "train.epochs": "2",
+                               "run.keep_checkpoints": "all"})  # fmt: skip
     rec = run(load_config(None, over), log=lambda *_: None)
     assert rec["protocol"] == "task_il" and rec["primary_view"] == "taw"
     assert set(rec["matrices"]) == {"taw", "tag"} and rec["accuracy_matrix"] == rec["matrices"]["taw"]

@@ -46,7 +46,8 @@ def test_the_whole_check_runs_on_the_cpu_on_tiny_models(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert [r["model"] for r in result["rows"]] == ["tiny ViT", "tiny ResNet"]
     for row in result["rows"]:
-        assert row["fp32"]["img_s"] > 0 and row["bf16"]["img_s"] > 0 and "bf16+compile" not in row
+        assert row["fp32"]["img_s"] > 0 and row["tf32"]["img_s"] > 0 and row["bf16"]["img_s"] > 0
+        assert "bf16+compile" not in row
         assert row["loader"]["img_s"] > 0 and row["loader"]["workers"] == 2
         assert row["loader_device_resize"]["img_s"] > 0 and row["loader_device_resize"]["workers"] == 2
         assert row["agreement"]["rel_diff"] < 0.1  # bf16 and fp32 train alike for 20 steps
@@ -54,4 +55,5 @@ def test_the_whole_check_runs_on_the_cpu_on_tiny_models(tmp_path, capsys):
     assert result["resume"]["killed"] and result["resume"]["identical"]
     assert list(result["methods"]) == ["finetune", "ln_tuning", "confit"]
     assert all(r["ok"] for r in result["methods"].values())
+    assert result["precision"] == {"device": "cpu", "autocast": None, "tf32_matmul": False, "tf32_cudnn": False}
     assert "| tiny ViT | 8 |" in capsys.readouterr().out

@@ -278,7 +278,7 @@ def test_paper_presets_run_the_official_schedule_and_fast_presets_differ_only_in
     assert (m.closed_form_keys, m.head_features, m.key_epochs, m.rectify, m.train_mask) == (
         False, "online", None, True, "current")  # fmt: skip
     assert (m.head_epochs, m.head_lr, m.sim_weights, m.variant) == (5, 0.001, "official", "two_stage")
-    assert cfg.train.amp is False and cfg.train.grad_clip is None and cfg.train.label_smoothing == 0
+    assert (cfg.train.amp, cfg.train.tf32, cfg.train.grad_clip, cfg.train.label_smoothing) == (False, False, None, 0)
     assert (cfg.seed, cfg.scenario.order_seed, cfg.scenario.order_rng) == (0, 0, "python")
     fast = config_to_dict(load_config(f"ln_tuning/{dataset}_fast"))
     faithful = config_to_dict(cfg)

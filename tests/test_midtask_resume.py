@@ -257,12 +257,30 @@ def _on_second_call(target, name):
     return arm
 
 
+def _after_unlinking(name):
+    """Die right after the file ``name`` is deleted (pruning the per-task checkpoints, ``run.keep_checkpoints``)."""
+
+    def arm():
+        real = Path.unlink
+
+        def unlink(self, missing_ok=False):
+            real(self, missing_ok=missing_ok)
+            if self.name == name:
+                _die()
+
+        Path.unlink = unlink
+
+    return arm
+
+
 KILLS = {  # name: (method, where the process dies)
     "mid-epoch": ("finetune", _at_step(5)),
     "half-written-tensor-file": ("finetune", _in_save(3, "tensors")),
     "tensors-renamed-manifest-not": ("finetune", _in_save(3, "renamed")),
     "task-end-before-run-state": ("finetune", _on_second_call(rd.RunDir, "save_state")),
     "task-end-after-run-state": ("finetune", _on_second_call(loop_module, "clear_midtask")),
+    "task-end-before-pruning": ("finetune", _on_second_call(rd.RunDir, "prune_checkpoints")),
+    "task-end-pruning": ("finetune", _after_unlinking("task_000.safetensors")),
     "evaluation": ("ewc", _on_second_call(loop_module, "evaluate")),
     "ln-tuning-head-stage": ("ln_tuning", _at_step(9)),
     "confit-second-task": ("confit", _at_step(8)),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from retain import distributed
-from retain.config import ConfigError, RunConfig
+from retain.config import ConfigError, RunConfig, TrainConfig
 from retain.data import build_transform, check_images, create_dataset
 from retain.data.device_resize import build_native_transform
 from retain.data.scenarios import Scenario, create_scenario
@@ -22,8 +23,9 @@ from retain.models import TaskHeads, create_backbone, data_config
 from retain.models.backbones import check_sha256
 from retain.models.continual import ContinualModel
 
-__all__ = ["seed_everything", "resolve_device", "build_transforms", "build_datasets", "build_model", "build_method",
-           "build_run", "probe_backbone", "rebuild_method", "retention_datasets"]  # fmt: skip
+__all__ = ["seed_everything", "resolve_device", "tf32_mode", "precision_used", "build_transforms", "build_datasets",
+           "build_model", "build_method", "build_run", "probe_backbone", "rebuild_method",
+           "retention_datasets"]  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
@@ -41,6 +43,33 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and distributed.active():
         return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
+
+
+@contextmanager
+def tf32_mode(enabled: bool, device: torch.device | str) -> Iterator[None]:
+    """``train.tf32`` while inside: on a CUDA ``device`` (a ``train.device`` name is resolved), TF32 for float32
+    matmuls and cuDNN convolutions on or off (``torch.backends.cuda.matmul.allow_tf32``, ``cudnn.allow_tf32``), the
+    previous flags restored on exit; on any other device nothing is touched."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = bool(enabled)
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+def precision_used(train: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """What a run on ``device`` computes in, for ``metrics.json``: its autocast dtype (None: float32) and whether
+    float32 matmuls and cuDNN convolutions use TF32 (torch's flags now: call inside :func:`tf32_mode`)."""
+    cuda = device.type == "cuda"
+    return {"device": device.type, "autocast": "bfloat16" if cuda and train.amp else None,
+            "tf32_matmul": cuda and bool(torch.backends.cuda.matmul.allow_tf32),
+            "tf32_cudnn": cuda and bool(torch.backends.cudnn.allow_tf32)}  # fmt: skip
 
 
 def _normalization(cfg: RunConfig, dcfg: dict) -> tuple[Any, Any]:

@@ -14,7 +14,14 @@ import torch
 from retain import distributed
 from retain.config import RunConfig
 from retain.data.scenarios import Scenario, Task
-from retain.engine.build import build_run, resolve_device, retention_datasets, seed_everything
+from retain.engine.build import (
+    build_run,
+    precision_used,
+    resolve_device,
+    retention_datasets,
+    seed_everything,
+    tf32_mode,
+)
 from retain.engine.checkpoint import Checkpointer, MidTask, clear_midtask, read_midtask, stop_on_interrupt
 from retain.engine.context import NonFiniteLoss, RunContext, RunError, RunInterrupted
 from retain.engine.evaluation import Evaluation, evaluate, primary_view, retention_accuracy
@@ -77,7 +84,7 @@ def run(cfg: RunConfig, resume: bool = False, log=print) -> dict:
 
 def train(cfg: RunConfig, resume: bool = False, log=print) -> tuple[dict, Method]:
     """``run``, returning the metrics record and the trained method (as after its last task)."""
-    with distributed.session(cfg.train.device):
+    with distributed.session(cfg.train.device), tf32_mode(cfg.train.tf32, cfg.train.device):
         try:
             return _run(cfg, resume, log if distributed.is_main() else _silent)
         except RuntimeError as e:
@@ -133,7 +140,7 @@ def _run(cfg: RunConfig, resume: bool, log) -> tuple[dict, Method]:
     finally:
         if ctx.writer is not None:
             ctx.writer.close()
-    record = metrics_record(cfg, scenario.class_order, scenario.n_tasks, state)
+    record = _metrics(cfg, scenario, state, device)
     out.write_metrics(record)
     return record, method
 
@@ -153,10 +160,16 @@ def _run_task(cfg: RunConfig, method: Method, scenario: Scenario, task: Task, ct
         _export(cfg, method, out, task.index + 1)
     out.save_state(state)
     clear_midtask(out.path)
-    out.write_metrics(metrics_record(cfg, scenario.class_order, scenario.n_tasks, state))
+    out.write_metrics(_metrics(cfg, scenario, state, ctx.device))
     _log_task(ctx, task, ev, seconds, cfg.name, scenario.n_tasks, log)
     if saver.stop_agreed():
         raise RunInterrupted(f"stopped after task {task.index + 1}/{scenario.n_tasks}, which is saved in {out.path}")
+
+
+def _metrics(cfg: RunConfig, scenario: Scenario, state: RunState, device: torch.device) -> dict:
+    """``metrics_record`` and the precision the run computes in (``precision``: autocast, TF32)."""
+    record = metrics_record(cfg, scenario.class_order, scenario.n_tasks, state)
+    return record | {"precision": precision_used(cfg.train, device)}
 
 
 def _export(cfg: RunConfig, method: Method, out: RunDir, n: int) -> None:

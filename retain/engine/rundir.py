@@ -2,6 +2,10 @@
 
 ``runs/<name>/{config.yaml, scenario.json, init_sha256.json, run_state.json, metrics.json,
 checkpoints/task_NNN.safetensors, tb/}``
+
+Per-task checkpoints are pruned to ``run.keep_checkpoints`` (default: the newest, the one ``--resume`` and
+``retain export`` read) only after the run state naming the newest is on disk (file and directory synced), so a
+crash at any point leaves the checkpoint the run state names.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from retain import distributed, metrics
-from retain.config import RunConfig, config_to_dict, load_yaml, save_config
+from retain.config import RunConfig, checkpoints_kept, config_to_dict, load_yaml, save_config
 from retain.data.scenarios import Scenario
 from retain.engine.context import RunError
 from retain.engine.evaluation import Evaluation, primary_view
@@ -33,7 +37,7 @@ METRICS_FILE = "metrics.json"
 # keys that may differ on --resume: they change how a run is executed, not what it computes
 FREE_KEYS = {"train.progress", "train.tensorboard", "train.num_workers", "train.persistent_workers",
              "train.prefetch_factor", "train.device", "train.threads", "run.checkpoint_every",
-             "run.export_each_task"}  # fmt: skip
+             "run.export_each_task", "run.keep_checkpoints"}  # fmt: skip
 SCENARIO_FILE = "scenario.json"
 INIT_FILE = "init_sha256.json"  # sha256 of every tensor of the model the run started from
 
@@ -100,16 +104,18 @@ class RunState:
 
 class RunDir:
     """Reads and writes one run's directory; every file is replaced atomically (write to a temp file, rename).
-    Under several processes only rank 0 writes; the others read."""
+    Under several processes only rank 0 writes; the others read. ``keep``: how many per-task checkpoints
+    ``save_state`` leaves (``retain.config.checkpoints_kept``; None: all, the default for a reader)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, keep: int | None = None) -> None:
         self.path = Path(path)
         self.main = distributed.is_main()
+        self.keep = keep
 
     @classmethod
     def open(cls, cfg: RunConfig, resume: bool) -> RunDir:
         """The directory of ``cfg``'s run; refuses to overwrite a finished run, or to resume another config."""
-        out = cls(Path(cfg.out_dir) / cfg.name)
+        out = cls(Path(cfg.out_dir) / cfg.name, checkpoints_kept(cfg.run.keep_checkpoints))
         if (out.path / STATE_FILE).exists() and not resume:
             raise RunError(f"run directory {out.path} already holds a run; continue it with --resume, or pick "
                            "another name=NEW_NAME")  # fmt: skip
@@ -157,9 +163,32 @@ class RunDir:
         return RunState.from_dict(json.loads(path.read_text()), protocol) if path.exists() else RunState(protocol)
 
     def save_state(self, state: RunState) -> None:
+        """Write ``run_state.json``, then prune the per-task checkpoints it no longer needs (``keep``)."""
         data = asdict(state)
         data.pop("protocol")
         self.write_json(STATE_FILE, data)
+        if state.checkpoint is not None:
+            self.prune_checkpoints(state.checkpoint)
+
+    def prune_checkpoints(self, newest: str) -> list[str]:
+        """Delete the per-task checkpoints older than the ``keep`` newest up to ``newest`` (the one the saved run
+        state names), those after it (a task whose save the run state never named) and temporary files a killed save
+        left; returns the names deleted. Call only once the run state naming ``newest`` is written."""
+        folder = self.path / "checkpoints"
+        if not self.main or not (self.path / newest).is_file():  # never prune around a missing checkpoint
+            return []
+        last = _task_index(Path(newest).name)
+        stale = list(folder.glob("task_*.safetensors.tmp"))
+        if self.keep is not None and last is not None:
+            kept = range(last - self.keep + 1, last + 1)
+            stale += [p for p in folder.glob("task_*.safetensors") if _task_index(p.name) not in kept]
+        if stale:  # the run state and the newest checkpoint reach the disk before anything older goes
+            _fsync(self.path / newest)
+            _fsync(folder)
+            _fsync(self.path)
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return sorted(p.name for p in stale)
 
     def save_checkpoint(self, tensors: dict[str, torch.Tensor], task: int, method: str) -> str:
         """``checkpoints/task_NNN.safetensors`` of ``tensors``; returns its path relative to the run directory."""
@@ -171,6 +200,7 @@ class RunDir:
         tmp = self.path / f"{rel}.tmp"
         with _writing(tmp, self.path / rel):
             save_file(state, str(tmp), metadata={"task": str(task), "method": method})
+            _fsync(tmp)
             os.replace(tmp, self.path / rel)
         return rel
 
@@ -187,10 +217,26 @@ class RunDir:
         tmp = path.with_suffix(".tmp")
         with _writing(tmp, path):
             tmp.write_text(json.dumps(data, indent=1))
+            _fsync(tmp)
             os.replace(tmp, path)  # an interrupted write never corrupts finished results
 
     def write_metrics(self, record: dict[str, Any]) -> None:
         self.write_json(METRICS_FILE, record)
+
+
+def _task_index(name: str) -> int | None:
+    """N of ``task_NNN.safetensors``, else None."""
+    stem = name.removesuffix(".safetensors")
+    return int(stem[5:]) if stem.startswith("task_") and stem[5:].isdigit() else None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (a rename in it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -17,8 +17,11 @@
   Choices: the warm-up applies under ``plateau`` too, as the same per-step multiplier on the current lr during
   the first warm-up steps (FACIL has none in its loop; the default is no warm-up). Each param group keeps its own
   lr and all are divided by ``lr_factor`` together (the optimiser here has one group, as in FACIL, which sets
-  ``param_groups[0]``); the stop test uses group 0. The best weights are the model's full ``state_dict()`` cloned
-  on its device (FACIL's ``get_copy``); if no epoch ever improved (NaN losses), nothing is restored.
+  ``param_groups[0]``); the stop test uses group 0. The best weights are what the stage can change, cloned on the
+  model's device: its ``state_dict()`` less the parameters the optimiser does not step (buffers such as BatchNorm
+  statistics included), so restoring them gives FACIL's full-model ``get_copy`` bit for bit while the copy (and a
+  mid-task checkpoint holding it) is only the stage's trained tensors; if no epoch ever improved (NaN losses),
+  nothing is restored.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ class Schedule:
             return True
         if val_loss < self.best_loss:  # NaN never improves, as in FACIL
             self.best_loss = float(val_loss)
-            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.best_state = self.snapshot(model)
             self.counter = self.train.patience
             return False
         self.counter -= 1
@@ -131,13 +134,25 @@ class Schedule:
         self.counter = self.train.patience
         self._set_base_lrs(decayed)
         if self.train.restore_best and self.best_state is not None:
-            model.load_state_dict(self.best_state)
+            self._restore(model)
         return False
 
     def finish(self, model: nn.Module) -> None:
         """End of the stage; plateau with ``train.restore_best``: reload the lowest-validation-loss weights."""
         if self.kind == "plateau" and self.train.restore_best and self.best_state is not None:
-            model.load_state_dict(self.best_state)
+            self._restore(model)
+
+    def snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Clones of what this stage can change: ``model.state_dict()`` less the parameters the optimiser does not
+        step (those stay as they were for the whole stage)."""
+        stepped = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in stepped}
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in frozen}
+
+    def _restore(self, model: nn.Module) -> None:
+        unknown = model.load_state_dict(self.best_state, strict=False).unexpected_keys
+        if unknown:
+            raise ValueError(f"the best weights hold {unknown[0]}, which the model does not have")
 
     def state_dict(self) -> dict[str, Any]:
         """All that is needed to continue exactly; JSON-friendly except ``best_state`` (tensors or None)."""

@@ -91,20 +91,38 @@ def _forward(method: Method, stage: Stage, train: TrainConfig, device: torch.dev
     return ddp, ddp
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU and CUDA) global RNG states."""
+def _cuda_index(device: torch.device | None) -> int:
+    """The CUDA device whose generator this process draws from: ``device``'s index, else the current device."""
+    if device is not None and device.type == "cuda" and device.index is not None:
+        return device.index
+    return torch.cuda.current_device()
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Python, NumPy and torch global RNG states: the CPU's and, when CUDA is available, that of this process's
+    CUDA device only (``device`` or the current one), so a run resumes on any number of visible GPUs."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(_cuda_index(device))
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state`'s states; the CUDA state goes to this process's device (``device`` or the current
+    one). An older checkpoint's list (one state per GPU visible then) gives this device's entry, none if it had
+    fewer GPUs."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    index = _cuda_index(device)
+    if isinstance(cuda, list | tuple):
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, index)
 
 
 @dataclass
@@ -187,7 +205,7 @@ class StageLoop:
         resume, self._resume = self._resume, None
         if resume is not None:
             self.generator.set_state(resume["generator"])
-            set_rng_state(resume["rng"])
+            set_rng_state(resume["rng"], self.ctx.device)
         self._epoch_generator = self.generator.get_state()
         self.loader.batch_sampler.skip(self.pos.batch)
         quiet = not (self.ctx.train.progress and distributed.is_main())
@@ -284,7 +302,7 @@ class StageLoop:
         mid_epoch = self.pos.batch > 0
         return {
             "position": asdict(self.pos), "stopped": self.stopped, "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(), "rng": rng_state(),
+            "schedule": self.schedule.state_dict(), "rng": rng_state(self.ctx.device),
             "generator": self._epoch_generator if mid_epoch else self.generator.get_state(),
         }  # fmt: skip
 
@@ -298,7 +316,7 @@ class StageLoop:
         if self.pos.batch > 0:
             self._resume = {"generator": state["generator"], "rng": state["rng"]}
         else:
-            set_rng_state(state["rng"])
+            set_rng_state(state["rng"], self.ctx.device)
 
 
 def fit_stage(method: Method, task: Task, stage: Stage, ctx: RunContext, index: int = 0) -> StageLoop:

@@ -307,3 +307,13 @@ class Method:
     def bytes_per_task(self, task: Task) -> int:
         """Bytes a deployment keeps for ``task`` beyond what it keeps without it: the size of ``task_state(task)``."""
         return sum(v.numel() * v.element_size() for v in self.task_state(task).values())
+
+    def checkpoint_bytes(self, task: Task) -> int:
+        """Bytes of the tensors a per-task checkpoint holds after ``task`` (``checkpoint_state()`` then), from tensor
+        sizes without training: ``retain inspect``'s disk estimate. Methods whose ``after_task`` adds tensors to
+        their checkpoint state add those."""
+        current, self.task = self.task, task
+        try:
+            return sum(v.numel() * v.element_size() for v in self.checkpoint_state().values())
+        finally:
+            self.task = current

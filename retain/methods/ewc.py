@@ -141,6 +141,11 @@ class EWC(Method):
         state |= {f"ewc.fisher.{n}": f for n, f in self.fisher.items()}
         return state | {f"ewc.old.{n}": p for n, p in self.old_params.items()}
 
+    def checkpoint_bytes(self, task: Task) -> int:
+        """The model, and the Fisher and old value of every backbone weight (held from the first ``after_task``)."""
+        backbone = sum(p.numel() * p.element_size() for p in self.model.backbone.parameters())
+        return sum(v.numel() * v.element_size() for v in self.model.state_dict().values()) + 2 * backbone
+
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         self.fisher = {k.removeprefix("ewc.fisher."): v for k, v in state.items() if k.startswith("ewc.fisher.")}
         self.old_params = {k.removeprefix("ewc.old."): v for k, v in state.items() if k.startswith("ewc.old.")}

@@ -6,6 +6,10 @@ task on, the loss adds to LwF's CE + KD a distillation of every block's attentio
 previous task: the pre-softmax logits ``QK^T/sqrt(d)`` (``variant: attentional``) or the per-head context
 ``softmax(.)V`` (``functional``), pooled (``pooling``) and compared by POD (symmetric) or by its asymmetric form,
 which penalises only what the new model lost (``retain.losses.pod``), times ``mu`` and averaged over the layers.
+
+Precision: the recorded maps and the PAD term are float32 whatever the autocast (bf16 on a GPU by default): the
+logits are recomputed in float32 from the (bf16) q and k, the context is cast, and pooling, normalisation and the
+distance run with autocast off.
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ class PADConfig(LwFConfig):
 
 def pad_loss(old: list[torch.Tensor], new: list[torch.Tensor], pooling: str, asymmetric: bool,
              square: bool | None = None) -> torch.Tensor:  # fmt: skip
-    """Mean over layers of ``pod(old_l, new_l)``."""
-    return torch.stack([pod(a, b, pooling, asymmetric, square) for a, b in zip(old, new, strict=True)]).mean()
+    """Mean over layers of ``pod(old_l, new_l)``, in float32 whatever the autocast."""
+    with torch.autocast(old[0].device.type, enabled=False):
+        terms = [pod(a.float(), b.float(), pooling, asymmetric, square) for a, b in zip(old, new, strict=True)]
+        return torch.stack(terms).mean()
 
 
 @register_method
@@ -61,7 +67,7 @@ class PAD(LwF):
 
     def _record(self, model, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         att = self.cfg.variant == "attentional"
-        with record_attention(model.backbone, logits=att, context=not att) as rec:
+        with record_attention(model.backbone, logits=att, context=not att, float32=True) as rec:
             logits = model(x)  # (B, C)
         return logits, self._maps(rec)
 

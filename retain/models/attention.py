@@ -5,7 +5,9 @@ block in forward order, the pre-softmax scaled logits ``(q * d^-0.5) k^T`` (B, H
 per-head context ``softmax(.) V`` before the heads are merged (B, H, N, d) ("functional"), the two tensors the PAD
 losses distil (Pelosin, Jha et al., CVPRW 2022). Hooks only read: the model's outputs are unchanged, and the
 recorded tensors stay in the autograd graph. The fused attention kernel keeps running; the logits, which it never
-materialises, are recomputed from the recorded q and k, exactly as timm's non-fused path computes them.
+materialises, are recomputed from the recorded q and k, exactly as timm's non-fused path computes them. With
+``float32=True`` they are float32 whatever the autocast: the logits are computed from q and k cast to float32 with
+autocast off, the context is cast (the model's own forward keeps its dtype).
 """
 
 from __future__ import annotations
@@ -38,13 +40,18 @@ def attention_modules(model: nn.Module) -> list[Attention]:
     return found
 
 
-def _hooks(attn: Attention, rec: AttentionRecord, logits: bool, context: bool) -> list:
+def _hooks(attn: Attention, rec: AttentionRecord, logits: bool, context: bool, float32: bool) -> list:
     handles, q_store = [], {}
     if logits:
         handles.append(attn.q_norm.register_forward_hook(lambda m, i, q: q_store.__setitem__("q", q)))
 
         def on_k(module: nn.Module, inputs: tuple, k: torch.Tensor) -> None:
-            rec.logits.append((q_store.pop("q") * attn.scale) @ k.transpose(-2, -1))  # (B, H, N, N)
+            q = q_store.pop("q")
+            if not float32:
+                rec.logits.append((q * attn.scale) @ k.transpose(-2, -1))  # (B, H, N, N)
+                return
+            with torch.autocast(q.device.type, enabled=False):
+                rec.logits.append((q.float() * attn.scale) @ k.float().transpose(-2, -1))
 
         handles.append(attn.k_norm.register_forward_hook(on_k))
     if context:
@@ -52,17 +59,20 @@ def _hooks(attn: Attention, rec: AttentionRecord, logits: bool, context: bool) -
         def on_merge(module: nn.Module, inputs: tuple) -> None:
             x = inputs[0]  # (B, N, H*d): the heads' outputs, merged but not yet normalised or projected
             B, N, _ = x.shape
-            rec.context.append(x.reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2))  # (B, H, N, d)
+            ctx = x.reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, N, d)
+            rec.context.append(ctx.float() if float32 else ctx)
 
         handles.append(attn.norm.register_forward_pre_hook(on_merge))
     return handles
 
 
 @contextmanager
-def record_attention(model: nn.Module, logits: bool = True, context: bool = True) -> Iterator[AttentionRecord]:
-    """``with record_attention(vit) as rec: vit(x)`` fills ``rec.logits`` and/or ``rec.context``, one per block."""
+def record_attention(model: nn.Module, logits: bool = True, context: bool = True,
+                     float32: bool = False) -> Iterator[AttentionRecord]:  # fmt: skip
+    """``with record_attention(vit) as rec: vit(x)`` fills ``rec.logits`` and/or ``rec.context``, one per block
+    (``float32``: float32 tensors whatever the autocast, see the module docstring)."""
     rec = AttentionRecord()
-    handles = [h for attn in attention_modules(model) for h in _hooks(attn, rec, logits, context)]
+    handles = [h for attn in attention_modules(model) for h in _hooks(attn, rec, logits, context, float32)]
     try:
         yield rec
     finally:
