@@ -159,7 +159,8 @@ def build_native_transform(
     from the CPU transform's own steps (its Pad, RandomResizedCrop and flip objects run the draws).
 
     Raises:
-        ValueError: ``train`` with ``augment="crop_flip"`` (not decomposable), or an invalid argument.
+        ValueError: ``train`` with ``augment="crop_flip"`` or ``"resize_pad_rrc"`` (not decomposable), or an invalid
+            argument.
     """
     if train and augment in ("crop_flip", "resize_pad_rrc"):
         raise ValueError(

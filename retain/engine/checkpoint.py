@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from retain import distributed
 from retain.config import RunConfig, checkpoint_interval
 from retain.engine.context import NonFiniteLoss, RunContext, RunError, RunInterrupted
+from retain.engine.rundir import fsync_path
 from retain.engine.stages import StageLoop
 from retain.methods.base import Method
 
@@ -95,19 +96,11 @@ class MidTask:
     where: str  # for messages: "task 2, stage 'train', epoch 3, batch 4 (step 40)"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_text(json.dumps(data))
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -123,7 +116,7 @@ def write_midtask(run_path: Path, manifest: dict[str, Any], tensors: dict[str, t
     try:
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, final)
         _write_json(run_path / MANIFEST, manifest | {"tensors": name, "bytes": final.stat().st_size})
         written = True

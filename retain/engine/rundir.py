@@ -30,7 +30,7 @@ from retain.engine.context import RunError
 from retain.engine.evaluation import Evaluation, primary_view
 
 __all__ = ["RunState", "RunDir", "STATE_FILE", "METRICS_FILE", "SCENARIO_FILE", "INIT_FILE", "FREE_KEYS",
-           "tensor_sha256", "state_sha256", "combined_sha256"]  # fmt: skip
+           "tensor_sha256", "state_sha256", "combined_sha256", "fsync_path"]  # fmt: skip
 
 STATE_FILE = "run_state.json"
 METRICS_FILE = "metrics.json"
@@ -183,9 +183,9 @@ class RunDir:
             kept = range(last - self.keep + 1, last + 1)
             stale += [p for p in folder.glob("task_*.safetensors") if _task_index(p.name) not in kept]
         if stale:  # the run state and the newest checkpoint reach the disk before anything older goes
-            _fsync(self.path / newest)
-            _fsync(folder)
-            _fsync(self.path)
+            fsync_path(self.path / newest)
+            fsync_path(folder)
+            fsync_path(self.path)
         for p in stale:
             p.unlink(missing_ok=True)
         return sorted(p.name for p in stale)
@@ -200,7 +200,7 @@ class RunDir:
         tmp = self.path / f"{rel}.tmp"
         with _writing(tmp, self.path / rel):
             save_file(state, str(tmp), metadata={"task": str(task), "method": method})
-            _fsync(tmp)
+            fsync_path(tmp)
             os.replace(tmp, self.path / rel)
         return rel
 
@@ -217,7 +217,7 @@ class RunDir:
         tmp = path.with_suffix(".tmp")
         with _writing(tmp, path):
             tmp.write_text(json.dumps(data, indent=1))
-            _fsync(tmp)
+            fsync_path(tmp)
             os.replace(tmp, path)  # an interrupted write never corrupts finished results
 
     def write_metrics(self, record: dict[str, Any]) -> None:
@@ -230,7 +230,7 @@ def _task_index(name: str) -> int | None:
     return int(stem[5:]) if stem.startswith("task_") and stem[5:].isdigit() else None
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file's data, or a directory's entries (a rename in it), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
