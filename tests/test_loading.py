@@ -188,3 +188,23 @@ def test_device_resize_gives_the_cpu_batches_up_to_rounding(tiny, tmp_path):
         build_run(load_config(None, [*over, "data.device_resize=true", "data.augment=crop_flip"]))
     record = run(load_config(None, [*over, "data.device_resize=true", "name=dev"]), **QUIET)
     assert len(record["accuracy_matrix"]) == 2
+
+
+class _SigintHandler(torch.utils.data.Dataset):
+    """Each item: whether the process reading it ignores SIGINT."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        import signal
+
+        return torch.tensor(signal.getsignal(signal.SIGINT) == signal.SIG_IGN), i
+
+
+def test_workers_leave_ctrl_c_to_the_training_process():
+    """A terminal's Ctrl-C reaches every worker too; they ignore it (the training process saves, then stops them),
+    so the run's "saving a checkpoint" line is printed once, not once per worker."""
+    ctx = RunContext(TrainConfig(num_workers=2), torch.device("cpu"))
+    ignored = torch.cat([x for x, _ in ctx.train_loader(_SigintHandler(), 2, torch.Generator().manual_seed(0))])
+    assert ignored.all() and len(ignored) == 4

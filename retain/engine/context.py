@@ -11,6 +11,7 @@ to its order. Training and extra passes read every sample under its own augmenta
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,12 @@ def whole_batches(data: Dataset, batch_size: int) -> Dataset:
     return Subset(data, range(lo * batch_size, min(hi * batch_size, len(data))))
 
 
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """In a dataloader worker: a Ctrl-C reaches the whole process group, and the training process alone handles it
+    (saves, then stops its workers); a worker that inherited its handler would print its message once more."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @dataclass
 class RunContext:
     """Device, precision and logging of a run, and the one place loaders are made (so they can be sharded)."""
@@ -76,7 +83,7 @@ class RunContext:
                      prefetch_factor=self.train.prefetch_factor) if workers else {}  # fmt: skip
         return DataLoader(data, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
                           collate_fn=collate_native, generator=torch.Generator().manual_seed(self.seed),
-                          **extra)  # fmt: skip
+                          worker_init_fn=_ignore_ctrl_c if workers else None, **extra)  # fmt: skip
 
     def train_loader(self, data: Dataset, batch_size: int, generator: torch.Generator) -> DataLoader:
         """Shuffled batches drawn with ``generator`` (its state at an epoch's start fixes the epoch's order and
