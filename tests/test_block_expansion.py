@@ -110,8 +110,9 @@ def test_bad_split_is_one_clear_error(tiny, split):
 # ------------------------------------------------------------------------------------------------ prefix cache
 
 
-def _trained(tiny, cache, augment="none", split="2"):
+def _trained(tiny, cache, augment="none", split="2", cap="2.0", dtype="float32"):
     over = {"method.name": "block_expansion", "method.split": split, "method.cache_prefix": cache,
+            "method.cache_max_gb": cap, "method.cache_dtype": dtype,
             "data.augment": augment, "model.kwargs": "{depth: 4, embed_dim: 32, num_heads: 2, img_size: 16}",
             "scenario.protocol": "task_il", "train.epochs": "2", "train.lr": "0.05"}  # fmt: skip
     cfg = load_config(None, tiny(**over))
@@ -139,6 +140,38 @@ def test_prefix_cache_needs_a_deterministic_transform(tiny):
     assert _trained(tiny, "null", augment="crop_flip").prefix_cached == []  # auto: augmented images, not cached
     with pytest.raises(ConfigError, match="cache_prefix=true needs a deterministic"):
         _trained(tiny, "true", augment="crop_flip")
+
+
+def test_prefix_cache_is_one_preallocated_tensor_equal_to_the_feature_pass(tiny):
+    over = {"method.name": "block_expansion", "data.augment": "none", "train.eval_batch_size": "5",
+            "model.kwargs": "{depth: 2, embed_dim: 32, num_heads: 2, img_size: 16}"}  # fmt: skip
+    cfg = load_config(None, tiny(**over))
+    scenario, method = build_run(cfg, CPU)  # 24 images in batches of 5: a short last batch
+    task = scenario.tasks[0]
+    tokens, labels = method.prefix_dataset(task).tensors
+    ref_tokens, ref_labels = method.extract_features(task.train_eval, forward=method.prefix_tokens).tensors
+    assert tokens.dtype == torch.float32 and torch.equal(tokens, ref_tokens) and torch.equal(labels, ref_labels)
+    assert tokens.numel() * 4 == method.prefix_cache_bytes(task)
+
+
+def test_cache_max_gb_caps_an_explicit_cache_and_auto_mode_skips(tiny):
+    with pytest.raises(ConfigError, match=r"cache is 0\.00 GB \(float32\), over method.cache_max_gb=1e-06; raise "
+                                          r"method.cache_max_gb or set method.cache_prefix=false"):  # fmt: skip
+        _trained(tiny, "true", cap="1e-6")
+    assert _trained(tiny, "null", cap="1e-6").prefix_cached == []  # auto mode: over the cap, trains online
+    assert _trained(tiny, "true", cap="1e-3").prefix_cached == [0, 1]
+
+
+def test_bfloat16_cache_halves_the_memory_and_trains_close_but_not_equal(tiny):
+    bf16, fp32 = _trained(tiny, "true", dtype="bfloat16"), _trained(tiny, "true")
+    task = bf16.scenario.tasks[0]
+    assert bf16.prefix_cached == [0, 1] and 2 * bf16.prefix_cache_bytes(task) == fp32.prefix_cache_bytes(task)
+    state, ref = bf16.model.state_dict(), fp32.model.state_dict()
+    assert any(not torch.equal(state[k], v) for k, v in ref.items())  # rounded tokens: another trajectory
+    for k, v in ref.items():  # ... within bfloat16's rounding (token error ~2e-3, measured in docs/peft_vit.md)
+        torch.testing.assert_close(state[k], v, rtol=0.1, atol=2e-3)
+    with pytest.raises(ConfigError, match="method.cache_dtype='float16': expected one of float32, bfloat16"):
+        _build(tiny, **{"method.cache_dtype": "float16"})
 
 
 # ------------------------------------------------------------------------------------------------ state

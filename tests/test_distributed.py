@@ -24,11 +24,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from retain.config import ConfigError, TrainConfig, load_config
 from retain.distributed import batch_plan, shard_bounds
-from retain.engine import run
+from retain.engine import build, run
 from retain.engine.loading import EpochBatches
 
 from conftest import tiny_overrides
@@ -67,8 +68,12 @@ from retain import distributed
 from retain.config import load_config
 from retain.engine import checkpoint, run
 from retain.engine.context import RunInterrupted
+from retain.data import UnreadableImageError, datasets
 
 spec = json.loads(sys.argv[1])
+opened = []  # the image files this process opened to check them (data.bad_images)
+real_probe = datasets._probe
+datasets._probe = lambda path, decode: (opened.append(path), real_probe(path, decode))[1]
 # rank 1 alone gets a signal after that optimiser step: SIGKILL (it dies) or SIGINT (a Ctrl-C that reached it first)
 signals = {"kill_rank1_at_step": signal.SIGKILL, "sigint_rank1_at_step": signal.SIGINT}
 at = {spec[k]: sig for k, sig in signals.items() if spec.get(k)}
@@ -86,6 +91,11 @@ with distributed.session("cpu"):  # one group for every run of this launch
         except RunInterrupted as e:
             print(f"rank {distributed.rank()} interrupted: {e}", flush=True)
             sys.exit(130)
+        except UnreadableImageError as e:
+            os.write(1, f"rank {distributed.rank()} error: {e}\\n".encode())  # one write: lines do not mix
+            sys.exit(2)
+    with open(f"opened_{distributed.rank()}.json", "w") as f:
+        json.dump(opened, f)
 """
 
 
@@ -109,19 +119,37 @@ def _overrides(tmp_path: Path, method: str, **extra: str) -> list[str]:
     return tiny_overrides(tmp_path, **over)
 
 
-def _torchrun(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], cwd: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-def _launch(tmp_path: Path, runs: list[list[str]], **spec) -> subprocess.CompletedProcess:
+def _launch(tmp_path: Path, runs: list[list[str]], timeout: float = 300, **spec) -> subprocess.CompletedProcess:
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    return _torchrun([str(worker), json.dumps({"runs": runs, **spec})], tmp_path, check=not spec)
+    args = [str(worker), json.dumps({"runs": runs, **spec})]
+    return _torchrun(args, tmp_path, check=not spec and timeout == 300, timeout=timeout)
+
+
+def _image_folder(root: Path) -> tuple[Path, Path]:
+    """4 class folders of 6 tiny JPEGs, one of which is text; (root, the unreadable file)."""
+    for c in "abcd":
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (16, 16), (i * 40, ord(c), 0)).save(root / c / f"{i}.jpg")
+    (root / "b" / "2.jpg").write_text("this is text, not an image")
+    return root, root / "b" / "2.jpg"
+
+
+def _folder_overrides(tmp_path: Path, root: Path, **extra: str) -> list[str]:
+    """Fine-tuning on ``root`` (20 train files, 10 per task, then 9 after the skip): global batches of 6 leave no
+    last batch of 1, which 2 processes would drop."""
+    return _overrides(tmp_path, "finetune", **{"data.name": "imagefolder", "data.root": str(root),
+                                               "data.options": "{}", "train.batch_size": "6", **extra})  # fmt: skip
 
 
 def _record(tmp_path: Path, name: str) -> dict:
@@ -206,8 +234,13 @@ def runs(tmp_path_factory) -> Path:
         run(load_config(None, _overrides(tmp, m, name=f"{m}_1")), log=lambda *_: None)
     augmented = _overrides(tmp, "finetune", **{"data.augment": "crop_flip"})
     run(load_config(None, [*augmented, "name=augmented_1", "train.num_workers=0"]), log=lambda *_: None)
+    folder, _ = _image_folder(tmp / "images")
+    skipped = _folder_overrides(tmp, folder, **{"data.bad_images": "skip"})
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\)"):
+        run(load_config(None, [*skipped, "name=folder_1"]), log=lambda *_: None)
     runs = [_overrides(tmp, m, name=f"{m}_2") for m in METHODS]
-    _launch(tmp, [*runs, [*augmented, "name=augmented_2", "train.num_workers=2"]])
+    proc = _launch(tmp, [*runs, [*augmented, "name=augmented_2", "train.num_workers=2"], [*skipped, "name=folder_2"]])
+    (tmp / "launch.err").write_text(proc.stderr)
     return tmp
 
 
@@ -218,6 +251,7 @@ def test_two_processes_match_one(runs):
         _assert_close(runs, m, images=1, tol=WEIGHT_TOL["exact"])
     _assert_close(runs, "confit", images=2, tol=WEIGHT_TOL["confit"])
     _assert_close(runs, "augmented", images=1, tol=WEIGHT_TOL["exact"])  # 2 processes x 2 workers, crop + flip
+    _assert_close(runs, "folder", images=1, tol=WEIGHT_TOL["exact"])  # image files, one unreadable and skipped
     for m in METHODS:
         plan = _record(runs, f"{m}_2")["distributed"]
         assert (plan["processes"], plan["global_batch"], plan["per_process_batch"]) == (2, 8, 4)
@@ -260,3 +294,40 @@ def test_a_ctrl_c_seen_by_one_process_stops_both_at_the_same_step(runs):
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     wa, wb = _weights(runs, "finetune_2"), _weights(runs, "sigint")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_one_process_checks_images_as_before(tmp_path, monkeypatch):
+    """Without a process group, ``check_images_once`` is ``check_images`` itself (same call, same result)."""
+    root, broken = _image_folder(tmp_path / "images")
+    paths = sorted(str(p) for p in root.glob("*/*.jpg"))
+    data = build.ImageDataset(torch.zeros(len(paths), dtype=torch.int64).numpy(), ["x"], paths=paths)
+    calls, real = [], build.check_images
+    monkeypatch.setattr(build, "check_images", lambda d, skip: calls.append(skip) or real(d, skip))
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\): .*b/2\.jpg$"):
+        kept = build.check_images_once(data, True)
+    assert kept.paths == [p for p in paths if p != str(broken)] and calls == [True]
+    with pytest.raises(build.UnreadableImageError, match=f"cannot read image {broken} "):
+        build.check_images_once(data, False)
+    assert build._dropped(["a", "b", "b", "c"], ["a", "c"]) == [1, 2]
+
+
+def test_image_files_are_checked_once_over_the_processes(runs):
+    """``data.bad_images=skip`` on 2 processes: each file is opened once in all (each process checks its share),
+    both processes keep the same files (``folder_2`` matches ``folder_1`` in ``test_two_processes_match_one``), and
+    the warning is printed once."""
+    files = sorted(str(p) for p in (runs / "images").glob("*/*.jpg"))
+    opened = [json.loads((runs / f"opened_{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(opened[0] + opened[1]) == files and all(opened)  # train and test splits, shared out
+    assert (runs / "launch.err").read_text().count("skipped 1 unreadable image file(s)") == 1
+
+
+def test_an_unreadable_image_stops_every_process_with_the_same_line(tmp_path):
+    """``data.bad_images=stop`` on 2 processes: whichever process finds the file, both stop naming it (none waits
+    for the other in a collective)."""
+    root, broken = _image_folder(tmp_path / "images")
+    proc = _launch(tmp_path, [_folder_overrides(tmp_path, root, name="stopped")], timeout=120)
+    assert proc.returncode != 0
+    lines = sorted(ln for ln in proc.stdout.splitlines() if " error: " in ln)
+    assert [ln.split(" error: ")[0] for ln in lines] == ["rank 0", "rank 1"], proc.stdout + proc.stderr[-3000:]
+    msg = {ln.split(" error: ", 1)[1] for ln in lines}
+    assert len(msg) == 1 and msg.pop().startswith(f"cannot read image {broken} (cannot identify image file")

@@ -10,6 +10,7 @@ from retain.data.datasets import (
     check_images,
     create_dataset,
     default_cache_dir,
+    drop_images,
     read_image,
 )
 from retain.data.readers import FASHION_MNIST_CLASSES  # registers cifar10, imagefolder, fashion_mnist, ...
@@ -26,6 +27,7 @@ __all__ = [
     "UnreadableImageError",
     "build_transform",
     "check_images",
+    "drop_images",
     "create_dataset",
     "default_cache_dir",
     "read_image",

@@ -29,6 +29,7 @@ __all__ = [
     "ImageDataset",
     "UnreadableImageError",
     "check_images",
+    "drop_images",
     "create_dataset",
     "default_cache_dir",
     "read_image",
@@ -165,6 +166,12 @@ def check_images(dataset: ImageDataset, skip: bool = False, warn: Callable[[str]
             if not skip:
                 raise
             bad.append(i)
+    return drop_images(dataset, bad, warn or (lambda m: warnings.warn(m, stacklevel=4)))
+
+
+def drop_images(dataset: ImageDataset, bad: list[int], warn: Callable[[str], None] | None = None) -> ImageDataset:
+    """``dataset`` without the files at indices ``bad`` (ascending), with one warning counting and naming them
+    (``warn``, default :func:`warnings.warn`); ``dataset`` itself when ``bad`` is empty."""
     if not bad:
         return dataset
     names = ", ".join(dataset.paths[i] for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

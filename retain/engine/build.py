@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from retain import distributed
 from retain.config import ConfigError, RunConfig, TrainConfig
-from retain.data import build_transform, check_images, create_dataset
+from retain.data import ImageDataset, UnreadableImageError, build_transform, check_images, create_dataset, drop_images
 from retain.data.device_resize import build_native_transform
 from retain.data.scenarios import Scenario, create_scenario
 from retain.methods import METHODS, Method
@@ -24,7 +24,7 @@ from retain.models.backbones import check_sha256
 from retain.models.continual import ContinualModel
 
 __all__ = ["seed_everything", "resolve_device", "tf32_mode", "precision_used", "build_transforms", "build_datasets",
-           "build_model", "build_method", "build_run", "probe_backbone", "rebuild_method",
+           "check_images_once", "build_model", "build_method", "build_run", "probe_backbone", "rebuild_method",
            "retention_datasets"]  # fmt: skip
 
 
@@ -112,9 +112,51 @@ def build_datasets(cfg: RunConfig, dcfg: dict) -> tuple[Dataset, Dataset, Datase
         options["manifest"] = str(Path(cfg.out_dir) / cfg.name / "split_manifest.json")
     kw = dict(root=d.root, download=d.download, cache_dir=d.cache_dir, **options)
     skip = d.bad_images == "skip"
-    train = check_images(create_dataset(d.name, "train", **kw), skip)
-    test = check_images(create_dataset(d.name, "test", **kw), skip)
+    train = check_images_once(create_dataset(d.name, "train", **kw), skip)
+    test = check_images_once(create_dataset(d.name, "test", **kw), skip)
     return train.with_transform(train_tf), test.with_transform(test_tf), train.with_transform(test_tf)
+
+
+def _dropped(paths: list[str], kept: list[str]) -> list[int]:
+    """Indices of ``paths`` missing from ``kept`` (``paths`` in order with some left out)."""
+    out, j = [], 0
+    for i, p in enumerate(paths):
+        if j < len(kept) and kept[j] == p:
+            j += 1
+        else:
+            out.append(i)
+    return out
+
+
+def check_images_once(dataset: ImageDataset, skip: bool) -> ImageDataset:
+    """:func:`retain.data.check_images` with every file opened once over all processes: each process checks a
+    contiguous share of the files and the shares' results are gathered (int64 tensors), so every process raises the
+    same UnreadableImageError (the first unreadable file in dataset order, as one process names it) or keeps the
+    same files (rank 0 alone warns). One process, or a dataset without files: ``check_images`` itself."""
+    if not distributed.active() or dataset.paths is None:
+        return check_images(dataset, skip)
+    lo, hi = distributed.shard_bounds(len(dataset))
+    share = ImageDataset(dataset.targets[lo:hi], dataset.classes, paths=dataset.paths[lo:hi])
+    error: Exception | None = None
+    try:
+        kept = check_images(share, skip, warn=lambda _: None).paths
+        status, payload = 0, [lo + i for i in _dropped(share.paths, kept)]
+    except Exception as e:  # noqa: BLE001 - shared with the other processes, then raised
+        error, status = e, 1 if isinstance(e, UnreadableImageError) else 2
+        payload = list(str(e).encode("utf-8", "surrogateescape"))
+    head = distributed.gather_rows(torch.tensor([[status, len(payload)]], dtype=torch.int64))  # (processes, 2)
+    lengths = head[:, 1].tolist()
+    mine = torch.tensor(payload, dtype=torch.int64) if payload else None
+    flat = distributed.gather_rows(mine) if sum(lengths) else torch.empty(0, dtype=torch.int64)
+    parts = torch.split(flat, lengths)
+    for r, (code, part) in enumerate(zip(head[:, 0].tolist(), parts, strict=True)):
+        if code and r == distributed.rank() and error is not None:
+            raise error
+        if code:
+            msg = bytes(part.tolist()).decode("utf-8", "surrogateescape")
+            raise UnreadableImageError(msg) if code == 1 else RuntimeError(f"rank {r} checking image files: {msg}")
+    bad = torch.cat(parts).tolist()  # ascending: the shares in rank order
+    return drop_images(dataset, bad, None if distributed.is_main() else lambda _: None)
 
 
 def retention_datasets(cfg: RunConfig, like: Dataset) -> tuple[Dataset, Dataset] | None:
@@ -124,8 +166,8 @@ def retention_datasets(cfg: RunConfig, like: Dataset) -> tuple[Dataset, Dataset]
         return None
     kw = dict(root=r.root, cache_dir=cfg.data.cache_dir, **r.options)
     tf, skip = like.transform, cfg.data.bad_images == "skip"
-    return (check_images(create_dataset(r.name, "train", **kw), skip).with_transform(tf),
-            check_images(create_dataset(r.name, "test", **kw), skip).with_transform(tf))  # fmt: skip
+    return (check_images_once(create_dataset(r.name, "train", **kw), skip).with_transform(tf),
+            check_images_once(create_dataset(r.name, "test", **kw), skip).with_transform(tf))  # fmt: skip
 
 
 def build_model(cfg: RunConfig, scenario: Scenario | None = None,

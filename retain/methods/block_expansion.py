@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
+from retain import distributed
 from retain.config import ConfigError
 from retain.data.scenarios import Scenario, Task
 from retain.methods.base import Batch, ContinualModel, MethodConfig, Stage, register_method
@@ -28,6 +29,8 @@ from retain.methods.per_task import PerTaskMethod
 from retain.models.adapters import expand_blocks
 
 __all__ = ["BlockExpansionConfig", "BlockExpansion", "TaskBlock", "deterministic_train"]
+
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -37,7 +40,8 @@ class BlockExpansionConfig(MethodConfig):
     split: int | None = None  # M: a copy after every M-th block, p = N // M new blocks; None: M = N (one, on top)
     per_task: bool | None = None  # own new blocks per task, by task id; None: yes in task_il/finetune, no in class_il
     cache_prefix: bool | None = None  # train on cached frozen-prefix tokens; None: when exact and under cache_max_gb
-    cache_max_gb: float = 2.0  # auto mode: largest prefix cache (float32 tokens of a task's training images)
+    cache_max_gb: float = 2.0  # largest prefix cache (a task's training tokens): auto mode skips, true refuses above
+    cache_dtype: str = "float32"  # float32 (exact) or bfloat16 (half the memory, tokens rounded; docs/peft_vit.md)
 
 
 class TaskBlock(nn.Module):
@@ -77,6 +81,8 @@ class BlockExpansion(PerTaskMethod):
         vit = model.backbone
         if not isinstance(getattr(vit, "blocks", None), nn.Sequential | nn.ModuleList):
             raise ConfigError(f"block_expansion needs a timm ViT backbone (blocks), got {type(vit).__name__}")
+        if cfg.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(f"method.cache_dtype={cfg.cache_dtype!r}: expected one of {', '.join(CACHE_DTYPES)}")
         self.split = len(vit.blocks) if cfg.split is None else cfg.split
         try:
             self.new_blocks = expand_blocks(vit, self.split)  # indices in the expanded ViT
@@ -101,6 +107,7 @@ class BlockExpansion(PerTaskMethod):
     def cached_prefix_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """The training CE from cached frozen-prefix tokens (the stage's loss when ``use_prefix_cache``)."""
         tokens, y = batch  # (B, L, D) frozen-prefix output, (B,)
+        tokens = tokens.float()  # a bfloat16 cache computes in float32 from here (no-op for float32)
         logits = self.mask_logits(self.model.head(self.suffix_features(tokens)), y)  # (B, C)
         return {"ce": self.ce(logits, y)}
 
@@ -131,26 +138,52 @@ class BlockExpansion(PerTaskMethod):
         if self.cfg.cache_prefix is False or task.train is None:
             return False
         exact = deterministic_train(task) is True and not _stochastic(self._prefix_modules())
+        fits = self.prefix_cache_bytes(task) <= self.cfg.cache_max_gb * 2**30
         if self.cfg.cache_prefix:
             if not exact:
                 raise ConfigError("method.cache_prefix=true needs a deterministic training transform "
                                   "(data.augment=none) and no dropout below the first new block")  # fmt: skip
+            if not fits:
+                raise ConfigError(f"method.cache_prefix=true: task {task.index}'s prefix cache is "
+                                  f"{self.prefix_cache_bytes(task) / 2**30:.2f} GB ({self.cfg.cache_dtype}), over "
+                                  f"method.cache_max_gb={self.cfg.cache_max_gb:g}; raise method.cache_max_gb or set "
+                                  "method.cache_prefix=false (or null: cache only when it fits)")  # fmt: skip
             return True
-        return exact and self.prefix_cache_bytes(task) <= self.cfg.cache_max_gb * 2**30
+        return exact and fits
 
     def prefix_cache_bytes(self, task: Task) -> int:
+        """Size of ``task``'s prefix cache: (N, L, D) tokens of its training images in ``cache_dtype``."""
         vit = self.model.backbone
         n_tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
-        return len(task.train) * n_tokens * vit.embed_dim * 4
+        itemsize = CACHE_DTYPES[self.cfg.cache_dtype].itemsize
+        return len(task.train) * n_tokens * vit.embed_dim * itemsize
 
     def _prefix_modules(self) -> list[nn.Module]:
         vit = self.model.backbone
         return [vit.patch_embed, vit.pos_drop, vit.patch_drop, vit.norm_pre, *vit.blocks[: self.first_trainable]]
 
     def prefix_dataset(self, task: Task) -> Dataset:
-        """(tokens (N, L, D), labels) of the task's training images (deterministic transform), computed once."""
+        """(tokens (N, L, D) in ``cache_dtype``, labels) of the task's training images (deterministic transform),
+        computed once, written batch by batch into one preallocated tensor (no list of batches to concatenate)."""
         self.prefix_cached.append(task.index)
-        return self.extract_features(task.train_eval, forward=self.prefix_tokens)
+        was_training = self.model.training
+        self.model.eval()
+        loader = self.loader(task.train_eval)
+        rows = getattr(loader.batch_sampler, "indices", None)  # this process's rows (not iterated: no RNG draw)
+        n = len(rows) if rows is not None else len(loader.dataset)
+        tokens = labels = None
+        lo = 0
+        with torch.no_grad():
+            for x, y in loader:
+                t = self.prefix_tokens(x.to(self.device))  # (B, L, D)
+                if tokens is None:
+                    tokens = torch.empty((n, *t.shape[1:]), dtype=CACHE_DTYPES[self.cfg.cache_dtype])  # (N_r, L, D)
+                    labels = torch.empty(n, dtype=y.dtype)  # (N_r,)
+                tokens[lo : lo + len(y)] = t.float().cpu()  # float32 first: the same values as the feature cache's
+                labels[lo : lo + len(y)] = y
+                lo += len(y)
+        self.model.train(was_training)
+        return TensorDataset(distributed.gather_rows(tokens), distributed.gather_rows(labels))
 
     # ---- checkpoint ------------------------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
