@@ -154,9 +154,9 @@ def loader_fed(model: Model, device: torch.device, steps: int, warmup: int, work
     build = build_native_transform if device_resize else build_transform
     transform = build(True, model.size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), augment="rrc")
     data = ImageDataset(rng.integers(0, N_CLASSES, n), [str(c) for c in range(N_CLASSES)], images, transform=transform)
-    ctx = RunContext(TrainConfig(num_workers=workers), device)
-    workers = ctx.workers(data)
-    loader = ctx.train_loader(data, model.batch, torch.Generator().manual_seed(0))
+    loader = RunContext(TrainConfig(num_workers=workers), device).train_loader(
+        data, model.batch, torch.Generator().manual_seed(0)
+    )
     _, step = _stepper(model, device, "bf16")
     seen = 0
     start = time.perf_counter()
@@ -169,7 +169,7 @@ def loader_fed(model: Model, device: torch.device, steps: int, warmup: int, work
             seen += len(y)
     _sync(device)
     seconds = time.perf_counter() - start
-    return {"img_s": seen / seconds if seen else None, "workers": workers}
+    return {"img_s": seen / seconds if seen else None, "workers": loader.num_workers}
 
 
 def agreement(model: Model, device: torch.device, steps: int = 20) -> dict:

@@ -88,8 +88,9 @@ def inspect_config(cfg: RunConfig) -> dict:
 
 
 def _nbytes(tensors: dict[str, torch.Tensor] | list[torch.Tensor]) -> int:
-    values = tensors.values() if isinstance(tensors, dict) else tensors
-    return sum(v.numel() * v.element_size() for v in values)
+    from retain.methods.base import tensor_bytes
+
+    return tensor_bytes(tensors.values() if isinstance(tensors, dict) else tensors)
 
 
 def _stage_state_bytes(cfg: RunConfig, method: Method, task: Task) -> int | None:

@@ -208,3 +208,14 @@ def test_workers_leave_ctrl_c_to_the_training_process():
     ctx = RunContext(TrainConfig(num_workers=2), torch.device("cpu"))
     ignored = torch.cat([x for x, _ in ctx.train_loader(_SigintHandler(), 2, torch.Generator().manual_seed(0))])
     assert ignored.all() and len(ignored) == 4
+
+
+def test_auto_probes_the_data_not_its_seeded_view(monkeypatch):
+    """On a GPU ``auto`` reads a few samples to time them: the training and pass loaders must probe the dataset
+    itself (their ``SeededSamples`` view is keyed by (index, seed) and cannot be read by index)."""
+    monkeypatch.setattr(loading, "cpus_available", lambda: 4)
+    ctx = RunContext(TrainConfig(), torch.device("cuda"))  # built, never iterated: no GPU needed
+    data = _augmented(8)
+    assert ctx.train_loader(data, 4, torch.Generator().manual_seed(0)).num_workers == 0  # 8 images load at once
+    assert ctx.pass_loader(data, 4).num_workers == 0
+    assert ctx.eval_loader(data).num_workers == 0

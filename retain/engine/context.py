@@ -23,7 +23,7 @@ from retain.config import TrainConfig
 from retain.data.device_resize import collate_native
 from retain.engine.loading import EpochBatches, InOrderBatches, SeededSamples, auto_workers
 
-__all__ = ["RunContext", "RunError", "NonFiniteLoss", "RunInterrupted", "whole_batches"]
+__all__ = ["RunContext", "RunError", "NonFiniteLoss", "RunInterrupted", "whole_batches", "whole_batch_range"]
 
 
 class RunError(RuntimeError):
@@ -38,12 +38,19 @@ class RunInterrupted(KeyboardInterrupt):
     """The run stopped on request (Ctrl-C) after saving; the message says where and what was saved."""
 
 
+def whole_batch_range(n: int, batch_size: int) -> range:
+    """The indices of this process's contiguous run of whole batches of ``n`` samples (all of them in one process)."""
+    if not distributed.active():
+        return range(n)
+    lo, hi = distributed.shard_bounds(math.ceil(n / batch_size))
+    return range(lo * batch_size, min(hi * batch_size, n))
+
+
 def whole_batches(data: Dataset, batch_size: int) -> Dataset:
     """This process's contiguous run of whole batches of ``data`` (all of it in one process)."""
     if not distributed.active():
         return data
-    lo, hi = distributed.shard_bounds(math.ceil(len(data) / batch_size))
-    return Subset(data, range(lo * batch_size, min(hi * batch_size, len(data))))
+    return Subset(data, whole_batch_range(len(data), batch_size))
 
 
 def _ignore_ctrl_c(worker_id: int) -> None:
@@ -74,13 +81,16 @@ class RunContext:
         n = self.train.num_workers
         return auto_workers(data, self.device) if n == "auto" else int(n)
 
-    def _loader(self, data: Dataset, sampler: Any, persistent: bool = False) -> DataLoader:
-        """A loader of ``sampler``'s batches of ``data``: workers, prefetch and pinned memory (on CUDA) as
-        configured; its own generator seeds the workers (never the global RNG); batches of native-resolution crops
-        (``data.device_resize``) are resized on ``.to(device)``."""
+    def _loader(self, data: Dataset, sampler: Any, seeded: bool = False, persistent: bool = False) -> DataLoader:
+        """A loader of ``sampler``'s batches of ``data`` (read by ``(index, seed)`` keys through
+        :class:`~retain.engine.loading.SeededSamples` when ``seeded``): workers (chosen on ``data`` itself, which
+        ``auto`` reads a few samples of), prefetch and pinned memory (on CUDA) as configured; its own generator
+        seeds the workers (never the global RNG); batches of native-resolution crops (``data.device_resize``) are
+        resized on ``.to(device)``."""
         workers = self.workers(data)
         extra = dict(persistent_workers=persistent and self.train.persistent_workers,
                      prefetch_factor=self.train.prefetch_factor) if workers else {}  # fmt: skip
+        data = SeededSamples(data) if seeded else data
         return DataLoader(data, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
                           collate_fn=collate_native, generator=torch.Generator().manual_seed(self.seed),
                           worker_init_fn=_ignore_ctrl_c if workers else None, **extra)  # fmt: skip
@@ -94,7 +104,7 @@ class RunContext:
         drop_last = self.train.drop_last and len(data) >= batch_size
         batches = EpochBatches(len(data), batch_size, drop_last, generator, distributed.world_size(),
                                distributed.rank())  # fmt: skip
-        return self._loader(SeededSamples(data), batches, persistent=True)
+        return self._loader(data, batches, seeded=True, persistent=True)
 
     def eval_loader(self, data: Dataset, batch_size: int | None = None) -> DataLoader:
         """In-order batches for evaluation (this process's whole batches)."""
@@ -105,8 +115,4 @@ class RunContext:
     def pass_loader(self, data: Dataset, batch_size: int) -> DataLoader:
         """In-order batches for a method's extra pass (Fisher, prototypes, keys, caches): ``Method.loader``. Under N
         processes this process's whole batches; whoever reads it reduces or gathers what it computes."""
-        lo, hi = 0, len(data)
-        if distributed.active():
-            first, last = distributed.shard_bounds(math.ceil(len(data) / batch_size))
-            lo, hi = first * batch_size, min(last * batch_size, len(data))
-        return self._loader(SeededSamples(data), InOrderBatches(range(lo, hi), batch_size))
+        return self._loader(data, InOrderBatches(whole_batch_range(len(data), batch_size), batch_size), seeded=True)

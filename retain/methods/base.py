@@ -16,7 +16,7 @@ Methods whose tasks own parameters chosen by task id (LN tuning, LoRA, Block Exp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from retain.engine.context import RunContext
 
 __all__ = [
+    "tensor_bytes",
     "MethodConfig",
     "Method",
     "Stage",
@@ -80,6 +81,11 @@ def register_method(cls: type[Method] | str | None = None, /) -> Any:
         return METHODS.register(name)(method)
 
     return deco if cls is None or explicit is not None else deco(cls)
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the data of ``tensors`` (what a safetensors file of them holds, headers aside)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
@@ -306,7 +312,7 @@ class Method:
 
     def bytes_per_task(self, task: Task) -> int:
         """Bytes a deployment keeps for ``task`` beyond what it keeps without it: the size of ``task_state(task)``."""
-        return sum(v.numel() * v.element_size() for v in self.task_state(task).values())
+        return tensor_bytes(self.task_state(task).values())
 
     def checkpoint_bytes(self, task: Task) -> int:
         """Bytes of the tensors a per-task checkpoint holds after ``task`` (``checkpoint_state()`` then), from tensor
@@ -314,6 +320,6 @@ class Method:
         their checkpoint state add those."""
         current, self.task = self.task, task
         try:
-            return sum(v.numel() * v.element_size() for v in self.checkpoint_state().values())
+            return tensor_bytes(self.checkpoint_state().values())
         finally:
             self.task = current

@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 from retain import distributed
 from retain.config import ConfigError
 from retain.data.scenarios import Task
-from retain.methods.base import ContinualModel, Method, MethodConfig, Stage, register_method
+from retain.methods.base import ContinualModel, Method, MethodConfig, Stage, register_method, tensor_bytes
 from retain.models.continual import head_prefix
 
 __all__ = ["EWCConfig", "EWC", "FISHER_MODES", "diagonal_fisher"]
@@ -143,8 +143,7 @@ class EWC(Method):
 
     def checkpoint_bytes(self, task: Task) -> int:
         """The model, and the Fisher and old value of every backbone weight (held from the first ``after_task``)."""
-        backbone = sum(p.numel() * p.element_size() for p in self.model.backbone.parameters())
-        return sum(v.numel() * v.element_size() for v in self.model.state_dict().values()) + 2 * backbone
+        return tensor_bytes(self.model.state_dict().values()) + 2 * tensor_bytes(self.model.backbone.parameters())
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         self.fisher = {k.removeprefix("ewc.fisher."): v for k, v in state.items() if k.startswith("ewc.fisher.")}
