@@ -14,7 +14,12 @@ Per model (ViT-B/16 and ViT-Ti/16 at 224 px, PAD's early-conv ViT at 32 px, ResN
 - fp32 vs bf16 loss after 20 identical SGD steps (relative difference).
 Then through the engine on the device: a run SIGKILLed inside an epoch and resumed, with 2 dataloader workers and
 augmentation, against the uninterrupted run (identical weights?), and one short run of every registered method, with
-the precision a run used (metrics.json "precision": autocast, TF32 on or off).
+the precision a run used (metrics.json "precision": autocast, TF32 on or off), a 4-task run with ``train.compile``
+(graphs compiled, torch giving up or not, accuracy against uncompiled) and the host-device syncs of a run with
+``train.sync_every`` 1 and 10. With 2 or more CUDA devices: ConFiT on
+2 processes (NCCL; its BatchNorm becomes SyncBatchNorm) against 1 process, fp32: weights, BN statistics and Xconv
+trackers equal up to float noise (unsynchronised BN would leave rank 0's half-batch statistics); with fewer, one line
+says what it would check.
 
 Without CUDA and without ``--device`` it checks its own plan (every model builds on the meta device, every method's
 run config parses), says so in one line and exits 0.
@@ -268,6 +273,98 @@ def every_method(device: str, out_dir: str, names: list[str] | None = None) -> d
     return out
 
 
+def compile_and_syncs(device: str, out_dir: str, compile: bool = True) -> dict:
+    """``train.compile=true`` over 4 tasks (graphs compiled, a '[compile]' line if torch gave up, accuracy against
+    the uncompiled run; skipped with ``compile=False``) and the host-device syncs of a run with ``train.sync_every``
+    1 and 10 (``torch.cuda.set_sync_debug_mode`` warnings over the whole run, and its training seconds)."""
+    from retain.engine import compiling, run
+
+    out: dict = {"compile": None}
+    if compile:
+        four = {"scenario.n_tasks": "4", "data.options": "{n_classes: 8, n_per_class: 40, n_test_per_class: 5, "
+                "image_size: 16}"}  # fmt: skip
+        logs: list[str] = []
+        on = run(load_config(None, _tiny_run(device, "compiled", out_dir, **four, **{"train.compile": "true"})),
+                 log=logs.append)  # fmt: skip
+        graphs = compiling.compilations()
+        off = run(load_config(None, _tiny_run(device, "uncompiled", out_dir, **four)), log=lambda *_: None)
+        out["compile"] = {"graphs": graphs, "notes": [x for x in logs if x.startswith("[compile]")],
+                          "acc": on["accuracy_matrix"][-1], "acc_uncompiled": off["accuracy_matrix"][-1]}  # fmt: skip
+    for every in (1, 10):
+        cfg = load_config(None, _tiny_run(device, f"sync{every}", out_dir, **{"train.sync_every": str(every)}))
+        out[f"sync_every_{every}"] = _count_syncs(cfg, device)
+    return out
+
+
+def _count_syncs(cfg, device: str) -> dict:
+    """A run's host-device syncs (CUDA's sync debug warnings; 0 elsewhere) and training seconds."""
+    import warnings
+
+    from retain.engine import run
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            rec = run(cfg, log=lambda *_: None)
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    return {"syncs": sum("synchroniz" in str(w.message) for w in caught), "train_seconds": rec["total_time_s"]}
+
+
+def _compile_line(r: dict) -> str:
+    c = r["compile"]
+    syncs = ", ".join(f"sync_every={k.rsplit('_', 1)[1]}: {v['syncs']} syncs, {v['train_seconds']:.1f} s training"
+                      for k, v in r.items() if k.startswith("sync_every"))  # fmt: skip
+    if c is None:
+        return f"host-device syncs of a run: {syncs}"
+    notes = "; ".join(c["notes"]) or "none"
+    return (f"train.compile over 4 tasks: {c['graphs']} graphs, compile notes: {notes}; final accuracy {c['acc']} "
+            f"(uncompiled {c['acc_uncompiled']})\nhost-device syncs of a run: {syncs}")  # fmt: skip
+
+
+SYNC_TOL = 1e-3  # absolute + relative, 2 vs 1 GPU in fp32; per-process BN statistics differ by about 1e-2
+
+
+def confit_sync_bn(out_dir: str, device: str = "cuda") -> dict:
+    """ConFiT (task-IL, CIFAR ResNet-20, fp32, TF32 off) on 2 GPUs (torchrun, NCCL, SyncBatchNorm) vs 1 GPU: the
+    largest gap over every tensor of the last checkpoint (weights, BN running statistics, Xconv trackers).
+    ``device="cpu"`` runs the same on 2 gloo processes, where BN is per process: the check's counter-example."""
+    from safetensors.torch import load_file
+
+    n = torch.cuda.device_count()
+    if device == "cuda" and n < 2:
+        return {"ran": False, "why": f"needs 2 CUDA devices ({n} visible)"}
+    extra = {"method.name": "confit", "model.backbone": "cifar_resnet20", "model.kwargs": "{}",
+             "scenario.protocol": "task_il", "train.amp": "false", "train.tf32": "false"}  # fmt: skip
+    one, two = (_tiny_run(device, name, out_dir, **extra) for name in ("sync-1", "sync-2"))
+    codes = [_run_process(one)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "benchmarks.gpu_check", "--child", json.dumps(two), "0"]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    codes.append(subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600).returncode)
+    if any(codes):
+        return {"ran": True, "ok": False, "exit_codes": codes}
+    a, b = (load_file(str(Path(out_dir) / r / "checkpoints" / "task_001.safetensors")) for r in ("sync-1", "sync-2"))
+    gap = {k: ((a[k].float() - b[k].float()).abs() / (1 + a[k].float().abs())).max().item() for k in a}  # atol = rtol
+    worst = max(gap, key=gap.get)
+    bn = max(v for k, v in gap.items() if k.endswith("running_mean"))
+    return {"ran": True, "ok": a.keys() == b.keys() and gap[worst] <= SYNC_TOL, "exit_codes": codes,
+            "worst": worst, "gap": gap[worst], "bn_gap": bn}  # fmt: skip
+
+
+def _sync_line(r: dict) -> str:
+    head = "ConFiT on 2 processes (SyncBatchNorm) vs 1"
+    if not r["ran"]:
+        return (f"{head}: {r['why']}; it would check that weights, BN statistics and Xconv trackers of a 2-GPU run "
+                "equal the 1-GPU run's")  # fmt: skip
+    if "gap" not in r:
+        return f"{head}: a run failed (exit codes {r['exit_codes']})"
+    return f"{head}: equal {r['ok']} (largest gap {r['gap']:.1e}, in {r['worst']}; BN means {r['bn_gap']:.1e})"
+
+
 # ---- plan, table, main ----------------------------------------------------------------------------------------------
 def check_plan(models: tuple[Model, ...]) -> list[str]:
     """What is wrong with the plan: a model that does not build (meta device), a method config that does not parse."""
@@ -354,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         result["resume"] = resume_with_workers(device.type, tmp)
         print(f"resume after SIGKILL inside an epoch, 2 workers: identical weights {result['resume']['identical']}")
         result["methods"] = every_method(device.type, tmp, args.methods)
+        result["compile_and_syncs"] = compile_and_syncs(device.type, tmp, args.compile)
+        print(_compile_line(result["compile_and_syncs"]))
+        result["confit_sync_bn"] = confit_sync_bn(tmp) if device.type == "cuda" else {"ran": False, "why": "CPU"}
+        print(_sync_line(result["confit_sync_bn"]))
     failed = [n for n, r in result["methods"].items() if not r["ok"]]
     print(f"every method, one short run: {len(result['methods']) - len(failed)} ok" +
           (f", failed: {', '.join(failed)}" if failed else ""))  # fmt: skip
@@ -365,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out} ({result['seconds']:.0f} s)")
-    return 0 if result["resume"]["identical"] and not failed else 1
+    synced = result["confit_sync_bn"].get("ok", True)
+    return 0 if result["resume"]["identical"] and not failed and synced else 1
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ def export_run(run_dir: str | Path, out: str | Path, weights: str | Path | None 
     method, digests = _rebuild(cfg, scenario)
     recorded = json.loads((rundir.path / INIT_FILE).read_text())
     _check_rebuilt(digests, recorded, run_dir)
-    method.load_checkpoint_state(rundir.load_checkpoint(state.checkpoint))
+    fill = method.model.state_dict() | method.checkpoint_state()  # what the checkpoint left out, as rebuilt
+    method.load_checkpoint_state(rundir.load_checkpoint(state.checkpoint, fill=fill))
     _ready(method, scenario, n)
     return write_artefact(method, cfg, info, n, recorded, out)
 

@@ -206,7 +206,11 @@ class TrainConfig:
     # TF32 for float32 matmuls and cuDNN convolutions on a CUDA device (Ampere or newer); no effect on CPU. What was
     # used is written to metrics.json ("precision"); false: full float32 (torch >= 1.12's matmul default)
     tf32: bool = True
-    compile: bool = False  # torch.compile the backbone's forward_features (meant for a GPU)
+    compile: bool = False  # torch.compile the backbone's forward_features (meant for a GPU; retain.engine.compiling)
+    # steps between the host's reads of the training values (loss check, epoch means, TensorBoard, Ctrl-C agreement
+    # of several processes): 1 reads every step; results do not depend on it. A non-finite loss stops the run at the
+    # next read, naming its step; nothing after it is saved
+    sync_every: int = 10
     # multi-process runs (torchrun, docs/distributed.md): global = batch_size is one step's batch over all
     # processes (each takes batch_size / N) | per_process = each takes batch_size; lr_scaling: none | linear (x N,
     # per_process only). The processes, batches and lr used are written to metrics.json ("distributed").
@@ -221,7 +225,7 @@ class TrainConfig:
             raise ConfigError(f"train.num_workers={self.num_workers!r}; use auto or a number of worker processes (0: "
                               "load in the training process)")  # fmt: skip
         least = {"epochs": 0, "steps": 0, "batch_size": 1, "eval_batch_size": 1, "lr": 0, "weight_decay": 0,
-                 "threads": 1, "num_workers": 0, "prefetch_factor": 1}  # fmt: skip
+                 "threads": 1, "num_workers": 0, "prefetch_factor": 1, "sync_every": 1}  # fmt: skip
         for key, low in least.items():
             value = getattr(self, key)
             if isinstance(value, int | float) and value < low:

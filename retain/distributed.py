@@ -202,3 +202,56 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
         dist.broadcast(work, src=0)
         if work is not buf:
             buf.copy_(work)
+
+
+__all__ += ["gather_rows_to_main", "broadcast_from_main"]
+
+
+def gather_rows_to_main(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``gather_rows`` to rank 0 alone: every process's ``t`` (N_r, ...) in rank order (sum N_r, ...) on rank 0,
+    None on the others. Rank 0 allocates the result once and receives each shard straight into its rows, so no
+    process holds more than its shard, and rank 0 the result besides. In one process: ``t``."""
+    if not active():
+        return t
+    dev = _comm_device(t if t is not None else torch.empty(0))
+    headers = [torch.empty(8, dtype=torch.int64, device=dev) for _ in range(world_size())]
+    dist.all_gather(headers, _header(t, dev))
+    given = [h for h in headers if h[0] >= 0]
+    if not given:
+        raise ValueError("gather_rows_to_main: no process has any rows")
+    if not is_main():
+        if t is not None and len(t):
+            dist.send(t.to(dev).contiguous(), dst=0)
+        return None
+    dtype, ndim = _DTYPES[int(given[0][1])], int(given[0][2])
+    rows = [max(int(h[0]), 0) for h in headers]
+    out = torch.empty((sum(rows), *[int(s) for s in given[0][3 : 2 + ndim]]), dtype=dtype, device=dev)
+    lo = 0
+    for r, n in enumerate(rows):
+        if n and r == 0:
+            out[:n].copy_(t)
+        elif n:
+            dist.recv(out[lo : lo + n], src=r)  # a row slice of a contiguous tensor: received in place
+        lo += n
+    return out.to(t.device) if t is not None else out
+
+
+def broadcast_from_main(t: torch.Tensor) -> torch.Tensor:
+    """``t`` set to rank 0's on every process (in place when it lives where the collective runs); ``t`` alone
+    outside a group."""
+    if not active():
+        return t
+    work = t.to(_comm_device(t))
+    dist.broadcast(work, src=0)
+    if work is not t:
+        t.copy_(work)
+    return t
+
+
+__all__ += ["sync_batchnorm_supported"]
+
+
+def sync_batchnorm_supported(device: torch.device | str) -> bool:
+    """True in a process group where torch's ``SyncBatchNorm`` can synchronise: CUDA tensors over NCCL (it refuses
+    CPU tensors, so gloo on the CPU cannot)."""
+    return active() and torch.device(device).type == "cuda" and dist.get_backend() == "nccl"

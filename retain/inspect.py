@@ -3,6 +3,7 @@ and an estimate of the disk its run will use."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,7 +15,7 @@ from retain.metrics import storage_rule
 if TYPE_CHECKING:
     from retain.methods.base import Method
 
-__all__ = ["inspect_config", "disk_estimate", "dry_scenario", "dry_method", "KNOWN_NUM_CLASSES"]
+__all__ = ["inspect_config", "disk_estimate", "dry_scenario", "dry_method", "dry_build", "KNOWN_NUM_CLASSES"]
 
 KNOWN_NUM_CLASSES = {
     "cifar10": 10,
@@ -52,13 +53,26 @@ def dry_scenario(cfg: RunConfig) -> Scenario:
 def dry_method(cfg: RunConfig) -> tuple[Scenario, Method]:
     """``cfg``'s scenario without data and its method, set up, on a backbone built without its weights (nothing is
     downloaded; ``cfg.model.pretrained`` is set to False)."""
+    scenario, method, _ = dry_build(cfg)
+    return scenario, method
+
+
+def dry_build(cfg: RunConfig) -> tuple[Scenario, Method, set[str]]:
+    """``dry_method``, and the names of the model's tensors ``setup`` left as built (the same tensor with the same
+    values): those a per-task checkpoint leaves out until a stage trains them (``Method.checkpoint_bytes``)."""
     from retain.engine.build import build_method, build_model
+    from retain.engine.rundir import tensor_sha256
 
     scenario = dry_scenario(cfg)
     cfg.model.pretrained = False  # never download for an inspection
     method = build_method(cfg, build_model(cfg, scenario), scenario)
+    def mark(v: torch.Tensor) -> tuple:  # a meta tensor (a model built without memory) has no values to hash
+        return (v.data_ptr(), tensor_sha256(v)) if not v.is_meta else ("meta", tuple(v.shape), v.dtype)
+
+    built = {k: mark(v) for k, v in method.model.state_dict().items()}
     method.setup()
-    return scenario, method
+    now = method.model.state_dict().items()
+    return scenario, method, {k for k, v in now if built.get(k) == mark(v)}
 
 
 def inspect_config(cfg: RunConfig) -> dict:
@@ -68,7 +82,7 @@ def inspect_config(cfg: RunConfig) -> dict:
     The count is the run's own (``Method.trained_names``: parameters some stage with a budget trains), so
     ``retain inspect`` and ``metrics.json``'s ``trainable_params`` agree.
     """
-    scenario, method = dry_method(cfg)
+    scenario, method, unchanged = dry_build(cfg)
     model = method.model
     params = dict(model.named_parameters())
     per_task = []
@@ -84,7 +98,7 @@ def inspect_config(cfg: RunConfig) -> dict:
         "trainable_params": per_task[0][0], "bytes_per_task": per_task[0][1],
         "trainable_params_last_task": per_task[1][0], "bytes_last_task": per_task[1][1],
         "storage_rule": storage_rule(scenario.protocol),
-    } | disk_estimate(cfg, scenario, method)  # fmt: skip
+    } | disk_estimate(cfg, scenario, method, unchanged)  # fmt: skip
 
 
 def _nbytes(tensors: dict[str, torch.Tensor] | list[torch.Tensor]) -> int:
@@ -129,25 +143,38 @@ def _artefact_bytes(method: Method, scenario: Scenario) -> int:
     return _nbytes({k: v for k, v in deployed.items() if k not in frozen})
 
 
-def disk_estimate(cfg: RunConfig, scenario: Scenario, method: Method) -> dict:
+def _checkpoint_bytes(method: Method, task: Task, unchanged: Collection[str]) -> tuple[int, int]:
+    """(bytes of the per-task checkpoint after ``task``, bytes of ``checkpoint_state()`` then): ``checkpoint_bytes``
+    less the tensors it leaves out (``Method.checkpoint_bytes`` with and without ``unchanged``), so that a method
+    counting tensors its ``after_task`` adds (EWC) keeps them."""
+    from retain.methods.base import Method
+
+    full = method.checkpoint_bytes(task)
+    return full - Method.checkpoint_bytes(method, task) + Method.checkpoint_bytes(method, task, unchanged), full
+
+
+def disk_estimate(cfg: RunConfig, scenario: Scenario, method: Method, unchanged: Collection[str] = ()) -> dict:
     """Bytes the run of ``cfg`` will hold on disk, from the tensor sizes of the built method (an estimate: file
     headers, JSON files and TensorBoard events are not counted; nothing is trained).
 
-    ``disk_checkpoint_bytes``: each per-task checkpoint (``Method.checkpoint_bytes``); ``disk_midtask_bytes``: the
-    largest mid-task checkpoint (the method's state, the stage's optimiser state and plateau snapshot, RNG states);
-    ``disk_artefact_bytes``: ``retain export``'s file; ``disk_at_end``: the per-task checkpoints
-    ``run.keep_checkpoints`` keeps, plus the artefact with ``run.export_each_task``; ``disk_peak``: the most during
-    the run (a save writes the new file before the previous one goes: inside a task two mid-task checkpoints next to
-    the kept per-task ones, at its end the new per-task checkpoint next to them and the mid-task one).
+    ``disk_checkpoint_bytes``: each per-task checkpoint (``Method.checkpoint_bytes``: without the parameters among
+    ``unchanged``, from ``dry_build``, that no stage has trained yet; every tensor when it is empty);
+    ``disk_midtask_bytes``: the largest mid-task checkpoint (the method's whole state, the stage's optimiser state and
+    plateau snapshot, RNG states); ``disk_artefact_bytes``: ``retain export``'s file; ``disk_at_end``: the per-task
+    checkpoints ``run.keep_checkpoints`` keeps, plus the artefact with ``run.export_each_task``; ``disk_peak``: the
+    most during the run (a save writes the new file before the previous one goes: inside a task two mid-task
+    checkpoints next to the kept per-task ones, at its end the new per-task checkpoint next to them and the mid-task
+    one). Buffers, and parameters a stage trains, are counted even where they end as they began: an upper bound.
     """
     n = scenario.n_tasks
     per_task, midtask = [0] * n, [0] * n
     if cfg.checkpoint:
-        per_task = [method.checkpoint_bytes(task) for task in scenario.tasks]
+        sizes = [_checkpoint_bytes(method, t, unchanged) for t in scenario.tasks]
+        per_task, full = [b for b, _ in sizes], [f for _, f in sizes]
         rng = 2 * torch.get_rng_state().numel() + 624 * 4  # torch's global and the loader's generator; NumPy's
         if any(checkpoint_interval(cfg.run.checkpoint_every)):
             extra = [_stage_state_bytes(cfg, method, t) for t in scenario.tasks]
-            midtask = [0 if e is None else b + e + rng for b, e in zip(per_task, extra, strict=True)]
+            midtask = [0 if e is None else b + e + rng for b, e in zip(full, extra, strict=True)]
     artefact = _artefact_bytes(method, scenario)
     keep = checkpoints_kept(cfg.run.keep_checkpoints) or n
     own = artefact if cfg.run.export_each_task else 0
@@ -155,8 +182,10 @@ def disk_estimate(cfg: RunConfig, scenario: Scenario, method: Method) -> dict:
     for t in range(n):  # a save writes the new file before the previous one goes
         kept = sum(per_task[max(0, t - keep) : t]) + (own if t else 0)  # on disk while task t runs
         peak = max(peak, kept + 2 * midtask[t], kept + midtask[t] + per_task[t] + own)
+    left_out = "leave out the frozen backbone and later tasks' untrained parameters" if unchanged else "count all"
     return {
-        "disk_estimate": "from tensor sizes (file headers, JSON and TensorBoard files not counted)",
+        "disk_estimate": f"from tensor sizes, an upper bound (per-task checkpoints {left_out}; file headers, JSON and "
+                         "TensorBoard files not counted)",
         "disk_keep_checkpoints": cfg.run.keep_checkpoints, "disk_checkpoint_bytes": per_task,
         "disk_midtask_bytes": max(midtask), "disk_artefact_bytes": artefact,
         "disk_at_end": sum(per_task[-keep:]) + own, "disk_peak": peak,

@@ -11,7 +11,7 @@ from retain.cli import main
 from retain.config import load_config
 from retain.engine import RunContext, build_run, evaluate, fit_stage, fit_task
 from retain.methods.base import trainable_names
-from retain.methods.confit import hierarchical_epochs
+from retain.methods.confit import hierarchical_epochs, sync_batchnorm
 from retain.models import create_backbone
 from retain.models.xconv_bn import InputMeanTracker, XconvBN, conv_bn_pairs, phase_map, recover_mean
 
@@ -117,6 +117,14 @@ def test_resnet18_storage_per_task_matches_the_paper_code():
     assert sorted(strided) == sorted(
         ["conv1"] + [f"layer{i}_0_{c}" for i in (2, 3, 4) for c in ("conv1", "downsample_0")]
     )
+
+
+def test_xconv_bn_accepts_a_backbone_converted_to_sync_batchnorm():
+    """SyncBatchNorm (ConFiT on several CUDA processes) is not a BatchNorm2d subclass: pairs and storage stay."""
+    backbone = create_backbone("resnet18", pretrained=False)
+    pairs = conv_bn_pairs(backbone)
+    assert sync_batchnorm(backbone) == 20 and conv_bn_pairs(backbone) == pairs
+    assert XconvBN(backbone, n_tasks=2).values_per_task == 4 * 4800 + 6540
 
 
 def test_hierarchical_schedule_trains_exactly_the_named_parameters(tiny):

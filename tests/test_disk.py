@@ -158,7 +158,7 @@ def test_plateau_copies_only_what_the_stage_trains_with_the_same_results(tiny, t
 # ---------------------------------------------------------------------------------------------------- inspect
 
 
-@pytest.mark.parametrize("method", ["finetune", "ewc", "ln_tuning", "lora"])
+@pytest.mark.parametrize("method", ["finetune", "ewc", "ln_tuning", "lora", "block_expansion"])
 def test_inspect_disk_estimate_is_the_tensor_bytes_a_run_writes(tiny, tmp_path, monkeypatch, method):
     over = tiny(**THREE_TASKS, **{"method.name": method, "train.epochs": "2", "run.keep_checkpoints": "all"})
     info = inspect_config(load_config(None, over + ["name=x"]))

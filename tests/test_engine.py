@@ -2,12 +2,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from retain import engine
 from retain.config import load_config
 from retain.engine import RunError, build_run, build_schedule, run
-from retain.engine.build import retention_datasets
+from retain.engine.build import retention_datasets, seed_everything
+from retain.engine.rundir import RunDir
 from retain.features import weighted_knn_accuracy
 from retain.methods.base import Stage
 from retain.methods.finetune import Finetune
@@ -69,11 +69,14 @@ def test_task_il_protocol_evaluates_within_the_task(tiny, tmp_path):
     rec = run(load_config(None, over), log=lambda *_: None)
     assert rec["protocol"] == "task_il" and rec["primary_view"] == "taw"
     assert set(rec["matrices"]) == {"taw", "tag"} and rec["accuracy_matrix"] == rec["matrices"]["taw"]
-    scenario, method = build_run(load_config(None, over), CPU)  # a fresh model, to load each task's checkpoint into
+    seed_everything(load_config(None, over).seed)  # the run's initial model: what its checkpoints leave out
+    scenario, method = build_run(load_config(None, over), CPU)  # to load each task's checkpoint into
     model = method.model.eval()  # finetune predicts with the model itself (every head; TAw and TAg slice it)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}  # what a checkpoint leaves out as unchanged
     taw, tag, differ = rec["matrices"]["taw"], rec["matrices"]["tag"], 0
     for t in range(scenario.n_tasks):
-        model.load_state_dict(load_file(str(tmp_path / "runs" / "til" / "checkpoints" / f"task_{t:03d}.safetensors")))
+        saved = RunDir(tmp_path / "runs" / "til").load_checkpoint(f"checkpoints/task_{t:03d}.safetensors", fill=fresh)
+        model.load_state_dict(saved)
         n_seen = scenario.seen_classes(t)
         for task in scenario.tasks[: t + 1]:
             x, y = _stacked(task.test)

@@ -186,15 +186,16 @@ class Checkpointer:
         self.stop_requested = False
 
     def stop_agreed(self) -> bool:
-        """Whether to stop now. Under several processes a Ctrl-C seen by any of them counts for all (one 1-value
-        all-reduce per step), so every process stops at the same step instead of waiting in a collective."""
+        """Whether to stop now. Under several processes a Ctrl-C seen by any of them counts for all (a 1-value
+        all-reduce), so every process stops at the same step instead of waiting in a collective."""
         if distributed.active():
             flag = distributed.all_reduce_sum(torch.tensor([float(self.stop_requested)]))
             self.stop_requested = bool(flag.item() > 0)
         return self.stop_requested
 
     def after_step(self, loop: StageLoop) -> None:
-        if self.stop_agreed():
+        agree = not distributed.active() or loop.sync_due  # several processes agree at the loop's sync steps
+        if agree and self.stop_agreed():
             self.stop(loop)
         if self.epochs and loop.pos.batch >= loop.steps_per_epoch:
             return  # the epoch-end save follows
@@ -219,6 +220,7 @@ class Checkpointer:
         """Write the method's tensors and ``loop``'s state (refused when a weight is no longer finite)."""
         if not self.enabled:
             return
+        loop.sync()  # a non-finite loss since the last read stops the run here: nothing after it is saved
         state = self.method.checkpoint_state()
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         where = _where(loop, self.ctx.step)

@@ -4,6 +4,7 @@ from one call after each task."""
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +13,7 @@ from torch.utils.data import Dataset
 from retain import distributed
 from retain.data.scenarios import Scenario, Task
 from retain.engine.context import RunContext
-from retain.features import weighted_knn_accuracy
+from retain.features import extract_features_to_main, weighted_knn_accuracy
 from retain.methods.base import Method
 
 __all__ = ["Evaluation", "VIEWS", "primary_view", "evaluate", "retention_accuracy"]
@@ -136,7 +137,23 @@ def _evaluate(method: Method, scenario: Scenario, upto: int, ctx: RunContext) ->
 
 @torch.no_grad()
 def retention_accuracy(method: Method, sets: tuple[Dataset, Dataset], k: int = 20, temperature: float = 0.07) -> float:
-    """Weighted k-NN accuracy on the retention dataset of the features the method deploys (``method.features``)."""
-    train = method.extract_features(sets[0], forward=method.features).tensors
-    test = method.extract_features(sets[1], forward=method.features).tensors
-    return weighted_knn_accuracy(train[0], train[1], test[0], test[1], k=k, temperature=temperature)
+    """Weighted k-NN accuracy on the retention dataset of the features the method deploys (``method.features``).
+
+    The feature pass runs under the run's autocast (``ctx.autocast``; none on the CPU), each process over its shard;
+    rank 0 gathers the features on its device and runs the k-NN there; every process returns rank 0's accuracy.
+    """
+    train, test = (_retention_features(method, data) for data in sets)
+    acc = torch.zeros((), dtype=torch.float64)
+    if train is not None:  # rank 0
+        acc.fill_(weighted_knn_accuracy(*train, *test, k=k, temperature=temperature, in_place=True))
+    return float(distributed.broadcast_from_main(acc))
+
+
+def _retention_features(method: Method, data: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``method.extract_features(data, forward=method.features)`` under autocast, gathered to rank 0 alone."""
+    was_training = method.model.training
+    method.model.eval()
+    autocast = method.ctx.autocast if method.ctx is not None else nullcontext()
+    out = extract_features_to_main(method.features, method.loader(data), method.device, autocast)
+    method.model.train(was_training)
+    return out

@@ -23,8 +23,10 @@ from retain.engine.build import (
     tf32_mode,
 )
 from retain.engine.checkpoint import Checkpointer, MidTask, clear_midtask, read_midtask, stop_on_interrupt
+from retain.engine.compiling import enable_compile, watch_compilation
 from retain.engine.context import NonFiniteLoss, RunContext, RunError, RunInterrupted
-from retain.engine.evaluation import Evaluation, evaluate, primary_view, retention_accuracy
+from retain.engine.evaluation import Evaluation, evaluate, primary_view
+from retain.engine.retention import initial_retention
 from retain.engine.rundir import INIT_FILE, SCENARIO_FILE, STATE_FILE, RunDir, RunState, metrics_record, state_sha256
 from retain.engine.stages import StageLoop
 from retain.methods.base import Method
@@ -114,6 +116,8 @@ def _run(cfg: RunConfig, resume: bool, log) -> tuple[dict, Method]:
     state = out.load_state(scenario.protocol)
     _check_processes(cfg, state, plan, log, resumed=resume and (out.path / STATE_FILE).exists())
     method.setup()
+    if cfg.train.compile:
+        enable_compile(method, log)
     if state.finished_tasks:
         _resume(method, scenario, state, out, log)
     found = read_midtask(out.path, log) if resume else None
@@ -121,15 +125,13 @@ def _run(cfg: RunConfig, resume: bool, log) -> tuple[dict, Method]:
     mid = _midtask(out, state, found, log)
     ctx = RunContext(cfg.train, device, _open_writer(cfg, out), step=mid.step if mid else state.step, seed=cfg.seed)
     method.bind(ctx)
-    r = cfg.data.retention
     retention = retention_datasets(cfg, scenario.tasks[0].test.base)
-    if retention is not None and not state.retention:  # the pre-trained backbone's score comes first
-        with method.deployed():
-            state.retention.append(retention_accuracy(method, retention, r.k, r.temperature))
+    if retention is not None and not state.retention:  # the pre-trained backbone's score comes first (cached)
+        state.retention.append(initial_retention(cfg, method, retention, log))
     out.save_state(state)  # from now on the directory holds a run
     saver = Checkpointer(cfg, out.path, method, ctx)
     try:
-        with stop_on_interrupt(saver):
+        with stop_on_interrupt(saver), watch_compilation(log):
             for task in scenario.tasks[state.finished_tasks :]:
                 _run_task(cfg, method, scenario, task, ctx, saver, mid, state, out, retention, log)
                 mid = None
@@ -199,7 +201,8 @@ def _resume(method: Method, scenario: Scenario, state: RunState, out: RunDir, lo
     if state.checkpoint is None:
         raise RunError(f"--resume: {out.path} has finished tasks but no checkpoint (checkpoint=false was set); "
                        "start a new run with another name=...")  # fmt: skip
-    method.load_checkpoint_state(out.load_checkpoint(state.checkpoint, method.device))
+    fill = method.model.state_dict() | method.checkpoint_state()  # what the checkpoint left out, as rebuilt
+    method.load_checkpoint_state(out.load_checkpoint(state.checkpoint, method.device, fill))
     method.model.set_seen(done)
     method.resume(scenario.tasks[done - 1])
     log(f"[resume] {done} finished task(s) loaded from {out.path / state.checkpoint}")

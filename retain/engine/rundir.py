@@ -3,9 +3,11 @@
 ``runs/<name>/{config.yaml, scenario.json, init_sha256.json, run_state.json, metrics.json,
 checkpoints/task_NNN.safetensors, tb/}``
 
-Per-task checkpoints are pruned to ``run.keep_checkpoints`` (default: the newest, the one ``--resume`` and
-``retain export`` read) only after the run state naming the newest is on disk (file and directory synced), so a
-crash at any point leaves the checkpoint the run state names.
+A per-task checkpoint leaves out the tensors still equal (bitwise) to the model the run started from
+(``init_sha256.json``); its safetensors metadata (``LEFT_OUT``) names them with their sha256, and ``load_checkpoint``
+takes them from the rebuilt method. Per-task checkpoints are pruned to ``run.keep_checkpoints`` (default: the newest,
+the one ``--resume`` and ``retain export`` read) only after the run state naming the newest is on disk (file and
+directory synced), so a crash at any point leaves the checkpoint the run state names.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from retain import distributed, metrics
@@ -30,23 +33,24 @@ from retain.engine.context import RunError
 from retain.engine.evaluation import Evaluation, primary_view
 
 __all__ = ["RunState", "RunDir", "STATE_FILE", "METRICS_FILE", "SCENARIO_FILE", "INIT_FILE", "FREE_KEYS",
-           "tensor_sha256", "state_sha256", "combined_sha256", "fsync_path"]  # fmt: skip
+           "LEFT_OUT", "unchanged", "tensor_sha256", "state_sha256", "combined_sha256", "fsync_path"]  # fmt: skip
 
 STATE_FILE = "run_state.json"
 METRICS_FILE = "metrics.json"
 # keys that may differ on --resume: they change how a run is executed, not what it computes
 FREE_KEYS = {"train.progress", "train.tensorboard", "train.num_workers", "train.persistent_workers",
              "train.prefetch_factor", "train.device", "train.threads", "run.checkpoint_every",
-             "run.export_each_task", "run.keep_checkpoints"}  # fmt: skip
+             "run.export_each_task", "run.keep_checkpoints", "train.sync_every"}  # fmt: skip
 SCENARIO_FILE = "scenario.json"
 INIT_FILE = "init_sha256.json"  # sha256 of every tensor of the model the run started from
+LEFT_OUT = "left_out_sha256"  # a per-task checkpoint's metadata: {name: sha256} of the tensors equal to INIT_FILE's
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes."""
     t = t.detach().cpu().contiguous()
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())  # (the buffer itself: no copy)
     return h.hexdigest()
 
 
@@ -111,6 +115,7 @@ class RunDir:
         self.path = Path(path)
         self.main = distributed.is_main()
         self.keep = keep
+        self._initial: dict[str, str] | None = None  # ``initial()``
 
     @classmethod
     def open(cls, cfg: RunConfig, resume: bool) -> RunDir:
@@ -149,8 +154,17 @@ class RunDir:
                 raise RunError(f"--resume: the model built now is not the one this run started from ({changed[0]} "
                                "differs: another weights file or version of retain?); start a new run with another "
                                "name=...")  # fmt: skip
+            self._initial = saved
             return
         self.write_json(INIT_FILE, digests)
+        self._initial = digests
+
+    def initial(self) -> dict[str, str]:
+        """The run's ``init_sha256.json`` ({} where it has none: its checkpoints keep every tensor)."""
+        if self._initial is None:
+            path = self.path / INIT_FILE
+            self._initial = json.loads(path.read_text()) if path.exists() else {}
+        return self._initial
 
     def save_scenario(self, scenario: Scenario) -> None:
         """``scenario.json``: protocol, class order, class names and task sizes (what an export needs)."""
@@ -191,24 +205,41 @@ class RunDir:
         return sorted(p.name for p in stale)
 
     def save_checkpoint(self, tensors: dict[str, torch.Tensor], task: int, method: str) -> str:
-        """``checkpoints/task_NNN.safetensors`` of ``tensors``; returns its path relative to the run directory."""
+        """``checkpoints/task_NNN.safetensors`` of ``tensors`` less those equal to the model the run started from
+        (named with their sha256 in its ``LEFT_OUT`` metadata); returns its path relative to the run directory."""
         rel = f"checkpoints/task_{task:03d}.safetensors"
         if not self.main:
             return rel
         (self.path / "checkpoints").mkdir(exist_ok=True)
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        left_out = unchanged(tensors, self.initial())
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items() if k not in left_out}
+        meta = {"task": str(task), "method": method, LEFT_OUT: json.dumps(left_out, sort_keys=True)}
         tmp = self.path / f"{rel}.tmp"
         with _writing(tmp, self.path / rel):
-            save_file(state, str(tmp), metadata={"task": str(task), "method": method})
+            save_file(state, str(tmp), metadata=meta)
             fsync_path(tmp)
             os.replace(tmp, self.path / rel)
         return rel
 
-    def load_checkpoint(self, rel: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def load_checkpoint(self, rel: str, device: torch.device | str = "cpu",
+                        fill: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The tensors of a per-task checkpoint. Those it left out are taken from ``fill`` (the rebuilt method's model
+        state and ``checkpoint_state()``, after ``setup``) once their sha256 is checked; a checkpoint written before
+        tensors were left out holds them all."""
         path = self.path / rel
         if not path.exists():
             raise RunError(f"--resume: checkpoint {path} is missing; start a new run with another name=...")
-        return load_file(str(path), device=str(device))
+        state = load_file(str(path), device=str(device))
+        with safe_open(str(path), "pt") as f:
+            left_out = json.loads((f.metadata() or {}).get(LEFT_OUT, "{}"))
+        for name, digest in sorted(left_out.items()):
+            t = (fill or {}).get(name)
+            if t is None or tensor_sha256(t) != digest:
+                raise RunError(f"{path} left out {name} as equal to the model the run started from, but the model "
+                               f"rebuilt now {'lacks it' if t is None else 'differs'}; rebuild it from the run's "
+                               "weights file and retain version (model.weights=FILE, or --weights FILE)")  # fmt: skip
+            state[name] = t.detach().to(device)
+        return state
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         if not self.main:
@@ -222,6 +253,13 @@ class RunDir:
 
     def write_metrics(self, record: dict[str, Any]) -> None:
         self.write_json(METRICS_FILE, record)
+
+
+def unchanged(tensors: Mapping[str, torch.Tensor], initial: dict[str, str]) -> dict[str, str]:
+    """{name: sha256} of the tensors of ``tensors`` whose sha256 is ``initial``'s (the run's ``init_sha256.json``); a
+    name ``initial`` lacks (added by ``setup``, or not the model's) is never among them."""
+    digests = {k: tensor_sha256(v) for k, v in tensors.items() if k in initial}
+    return {k: d for k, d in digests.items() if d == initial[k]}
 
 
 def _task_index(name: str) -> int | None:

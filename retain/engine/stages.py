@@ -5,6 +5,7 @@ This module alone steps an optimiser.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -58,8 +59,8 @@ def global_batch(train: TrainConfig, stage: Stage) -> int:
 class _Step(nn.Module):
     """The method's loss as a module's forward, so that ``DistributedDataParallel`` wraps it and averages the
     gradient of every trainable parameter of ``method.model`` the loss reaches, however the method calls the model
-    (``features``, ``head``, several passes), and ``torch.compile`` compiles it. Frozen teachers held by the method
-    are not part of it. In one process without ``train.compile`` the loop calls ``method.loss`` directly."""
+    (``features``, ``head``, several passes). Frozen teachers held by the method are not part of it. In one process
+    the loop calls ``method.loss`` directly (``train.compile`` compiles the backbone: ``retain.engine.compiling``)."""
 
     def __init__(self, method: Method, stage: Stage) -> None:
         super().__init__()
@@ -78,17 +79,6 @@ def _wrap(step: _Step, stage: Stage, device: torch.device) -> DistributedDataPar
     ids = [device.index] if device.type == "cuda" else None
     unused = bool(stage.extra.get("find_unused_parameters", False))
     return DistributedDataParallel(step, device_ids=ids, find_unused_parameters=unused)
-
-
-def _forward(method: Method, stage: Stage, train: TrainConfig, device: torch.device) -> tuple[Any, Any]:
-    """(DDP or None, the callable ``(x, y) -> loss terms`` of this stage or None for plain ``method.loss``):
-    ``train.compile`` compiles the stage's loss module (DDP's too), fresh per stage and never copied by a method."""
-    step = _Step(method, stage)
-    ddp = _wrap(step, stage, device)
-    module = ddp if ddp is not None else step
-    if train.compile:
-        return ddp, torch.compile(module)
-    return ddp, ddp
 
 
 def _cuda_index(device: torch.device | None) -> int:
@@ -123,6 +113,53 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
             return
         cuda = cuda[index]
     torch.cuda.set_rng_state(cuda, index)
+
+
+def exact_dtype(device: torch.device) -> torch.dtype:
+    """A dtype that holds float32 and bfloat16 values exactly and sums them as the host would: float64, except on
+    MPS (no float64; float32 still holds each value exactly)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+@dataclass(frozen=True)
+class _Where:
+    """A step, for messages and TensorBoard: the run's step count (1-based) and the stage's position then."""
+
+    step: int
+    task: int
+    stage: str
+    epoch: int
+    batch: int
+
+    def __str__(self) -> str:
+        return f"step {self.step} (task {self.task}, stage {self.stage!r}, epoch {self.epoch}, batch {self.batch})"
+
+
+class _Pending:
+    """Step values (the summed loss, each term) kept on the device until the host reads them all in one transfer
+    (``StageLoop.sync``): no host-device synchronisation inside a step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.dtype = exact_dtype(device)
+        self.values: list[torch.Tensor] = []  # per step: (1 + K,) the loss then each term
+        self.steps: list[tuple[list[str], _Where, bool, float]] = []  # term names, where, logged, lr
+
+    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], where: _Where, logged: bool, lr: float) -> None:
+        values = [loss.detach(), *(v.detach() for v in terms.values())]
+        self.values.append(torch.stack([v.to(self.dtype).reshape(()) for v in values]))  # (1 + K,)
+        self.steps.append((list(terms), where, logged, lr))
+
+    def read(self) -> list[tuple[float, dict[str, float], _Where, bool, float]]:
+        """(loss, {term: value}, where, logged, lr) of every pending step, in order; empties the list."""
+        if not self.values:
+            return []
+        rows = torch.cat(self.values).tolist()  # the one host-device sync
+        out, i = [], 0
+        for names, where, logged, lr in self.steps:
+            out.append((rows[i], dict(zip(names, rows[i + 1 : i + 1 + len(names)], strict=True)), where, logged, lr))
+            i += 1 + len(names)
+        self.values, self.steps = [], []
+        return out
 
 
 @dataclass
@@ -164,10 +201,14 @@ class StageLoop:
         self.total_steps = stage.steps if stage.steps is not None else stage.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(self.params, ctx.train, stage)
         self.schedule: Schedule = build_schedule(self.optimizer, ctx.train, self.steps_per_epoch, self.total_steps)
+        self.totals: dict[str, float] = {}  # the epoch's sum of each term so far (host values, read by sync)
+        self.n_steps = 0
+        self.bar: tqdm | None = None
         self.stopped = False  # the schedule ended the stage early (plateau: lr below train.stop_lr)
         self._epoch_generator: torch.Tensor | None = None  # generator state at the current epoch's start
         self._resume: dict[str, Any] | None = None
-        self.ddp, self._forward = _forward(method, stage, ctx.train, ctx.device)
+        self.ddp = _wrap(_Step(method, stage), stage, ctx.device)
+        self.pending = _Pending(ctx.device)  # step values not yet read on the host (train.sync_every)
 
     @property
     def done(self) -> bool:
@@ -196,7 +237,7 @@ class StageLoop:
         self.schedule.finish(self.method.model)
         if self.ddp is not None:  # buffers (BN statistics) moved on each process after DDP's last broadcast
             distributed.broadcast_buffers(self.method.model)
-        self.ddp = self._forward = None  # its gradient hooks go with it; the next stage wraps its own trainable set
+        self.ddp = None  # its gradient hooks go with it; the next stage wraps its own trainable set
         self.loader = None  # and its worker processes
 
     def _batches(self, desc: str) -> tuple[tqdm, Iterator]:
@@ -215,42 +256,68 @@ class StageLoop:
 
     def train_epoch(self, after_step: Callable[[StageLoop], None] | None = None) -> dict[str, float]:
         """One pass (or the rest of one) over the data: the method's loss terms are summed, backpropagated and
-        stepped here; returns the mean of each term."""
+        stepped here; returns the mean of each term. The host reads the step values every ``train.sync_every``
+        steps (:meth:`sync`), not at every step."""
         ctx, stage = self.ctx, self.stage
-        totals: dict[str, float] = {}
-        n = 0
+        self.totals, self.n_steps = {}, 0
         desc = f"task {self.task.index} {stage.name} {self.pos.epoch + 1}"
-        bar, batches = self._batches(desc)
+        self.bar, batches = self._batches(desc)
         for x, y in batches:
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             with ctx.autocast:
-                terms = stage_loss(self.method, stage, (x, y)) if self._forward is None else self._forward(x, y)
+                terms = stage_loss(self.method, stage, (x, y)) if self.ddp is None else self.ddp(x, y)
             loss, share = sum(terms.values()), self._share(len(y))
             if share != 1.0:
                 loss = loss * share
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"loss became {loss.item()} at step {ctx.step + 1} (task {self.task.index}, "
-                    f"stage {stage.name!r}, epoch {self.pos.epoch + 1}, batch {self.pos.batch + 1})"
-                )
+            self.pending.add(loss, terms, self._where(ctx.step + 1), ctx.step % ctx.log_every == 0, self.schedule.lr)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if ctx.train.grad_clip:
                 nn.utils.clip_grad_norm_(self.params, ctx.train.grad_clip)
             self.optimizer.step()
             self.schedule.step()
-            self.pos.batch, self.pos.step, n = self.pos.batch + 1, self.pos.step + 1, n + 1
-            for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + v.item()
-            self._log(terms)
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            self.pos.batch, self.pos.step = self.pos.batch + 1, self.pos.step + 1
+            ctx.step += 1
+            self.bar.update()
+            if self.sync_due:
+                self.sync()
             if after_step is not None:
                 after_step(self)
             if self.pos.step >= self.total_steps:
                 break
-        bar.close()
-        return self._epoch_mean(totals, n)
+        self.sync()
+        self.bar.close()
+        return self._epoch_mean(self.totals, self.n_steps)
+
+    @property
+    def sync_due(self) -> bool:
+        """Whether the step just taken is one where the host reads the pending values: every ``train.sync_every``
+        steps of the stage, and at the end of an epoch or of the budget (the same steps on every process)."""
+        every = self.ctx.train.sync_every
+        return (
+            self.pos.step % every == 0 or self.pos.batch >= self.steps_per_epoch or self.pos.step >= self.total_steps
+        )
+
+    def sync(self) -> None:
+        """Read the pending step values on the host (one transfer): NonFiniteLoss naming the first step whose loss
+        was not finite, the epoch's sums, TensorBoard, the progress bar. The steps after a non-finite one have
+        run, but nothing of them is saved: a checkpoint syncs first."""
+        steps = self.pending.read()
+        for loss, terms, where, logged, lr in steps:
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"loss became {loss} at {where}")
+            for k, v in terms.items():
+                self.totals[k] = self.totals.get(k, 0.0) + v
+            self.n_steps += 1
+            if logged and self.ctx.writer is not None:
+                for k, v in terms.items():
+                    self.ctx.writer.add_scalar(f"loss/{k}", v, where.step - 1)
+                self.ctx.writer.add_scalar("lr", lr, where.step - 1)
+        if steps and self.bar is not None:
+            self.bar.set_postfix(loss=f"{steps[-1][0]:.3f}", refresh=False)
+
+    def _where(self, step: int) -> _Where:
+        return _Where(step, self.task.index, self.stage.name, self.pos.epoch + 1, self.pos.batch + 1)
 
     def _epoch_mean(self, totals: dict[str, float], n: int) -> dict[str, float]:
         """Each term's mean over the epoch's batches; under several processes over every process's batches (the
@@ -271,14 +338,6 @@ class StageLoop:
         size = min(self.batch_size, self.n_samples - self.pos.batch * self.batch_size)  # this global batch
         return n * distributed.world_size() / size
 
-    def _log(self, terms: dict[str, torch.Tensor]) -> None:
-        ctx = self.ctx
-        if ctx.writer is not None and ctx.step % ctx.log_every == 0:
-            for k, v in terms.items():
-                ctx.writer.add_scalar(f"loss/{k}", v.item(), ctx.step)
-            ctx.writer.add_scalar("lr", self.schedule.lr, ctx.step)
-        ctx.step += 1
-
     @torch.no_grad()
     def validate(self) -> float | None:
         """Mean of the method's summed loss terms over the task's validation split (eval mode), or None."""
@@ -290,10 +349,12 @@ class StageLoop:
             x, y = x.to(self.ctx.device), y.to(self.ctx.device)
             with self.ctx.autocast:
                 loss = sum(stage_loss(self.method, self.stage, (x, y)).values())
-            total, count = total + loss.item() * len(y), count + len(y)
+            total, count = total + loss.detach().to(exact_dtype(loss.device)) * len(y), count + len(y)
         model.train()
+        sums = torch.tensor([float(total), count], dtype=torch.float64)  # the one sync of the pass
         if distributed.active():  # every process's shard, summed: all take the same schedule decision
-            total, count = distributed.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
+            sums = distributed.all_reduce_sum(sums)
+        total, count = sums.tolist()
         return total / max(count, 1)
 
     # ---- position -------------------------------------------------------------------------------------------------

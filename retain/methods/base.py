@@ -16,7 +16,7 @@ Methods whose tasks own parameters chosen by task id (LN tuning, LoRA, Block Exp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -142,6 +142,9 @@ class Method:
     name = "base"
     config_class = MethodConfig
     task_aware_predict = False  # True when ``predict(x, task_id)`` uses the task id beyond slicing the logits
+    # train.compile: None when the backbone's forward_features can be compiled once for the run, else the reason
+    # it cannot (the backbone changes per task, or hooks inside it); ``retain.engine.compiling``
+    compile_blocker: str | None = None
 
     def __init__(self, cfg: MethodConfig, model: ContinualModel, scenario: Scenario, train_cfg: Any) -> None:
         self.cfg, self.model, self.scenario, self.train_cfg = cfg, model, scenario, train_cfg
@@ -314,12 +317,26 @@ class Method:
         """Bytes a deployment keeps for ``task`` beyond what it keeps without it: the size of ``task_state(task)``."""
         return tensor_bytes(self.task_state(task).values())
 
-    def checkpoint_bytes(self, task: Task) -> int:
+    def checkpoint_bytes(self, task: Task, unchanged: Collection[str] = ()) -> int:
         """Bytes of the tensors a per-task checkpoint holds after ``task`` (``checkpoint_state()`` then), from tensor
-        sizes without training: ``retain inspect``'s disk estimate. Methods whose ``after_task`` adds tensors to
-        their checkpoint state add those."""
-        current, self.task = self.task, task
+        sizes without training: ``retain inspect``'s disk estimate. ``unchanged``: names of the model's tensors that
+        ``setup`` left as built; a checkpoint leaves out those still equal to the model the run started from, so the
+        parameters among them that no stage of tasks 0..``task`` trains are not counted where they are the backbone's,
+        a later task's head or a later task's stage trains them. The rest is counted (buffers, tensors hooks may set,
+        trained parameters even if they end as they began): an upper bound. Methods whose ``after_task`` adds tensors
+        to their checkpoint state add those."""
+        current, seen, self.task = self.task, self.model.head.n_active, task
         try:
-            return tensor_bytes(self.checkpoint_state().values())
+            state, params = self.checkpoint_state(), dict(self.model.named_parameters())
+            trained: list[set[str]] = []  # by task
+            for t in self.scenario.tasks if unchanged else ():
+                self.model.set_seen(t.index + 1)
+                trained.append(set(self.trained_names(t)))
+            now, later = set().union(*trained[: task.index + 1]), set().union(*trained[task.index + 1 :])
+            idle = (set(unchanged) & set(params)) - now  # untrained so far, as built
+            heads = tuple(head_prefix(t.index) for t in self.scenario.tasks[task.index + 1 :])
+            frozen = {k for k in idle if k in later or k.startswith(("backbone.", *heads))}
+            return tensor_bytes(v for k, v in state.items() if k not in frozen)
         finally:
             self.task = current
+            self.model.set_seen(seen)

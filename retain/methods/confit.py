@@ -6,24 +6,31 @@ official per-epoch rule has no BN stage, see :func:`hierarchical_epochs`); BN st
 its running statistics follow the new task even while the backbone is frozen). Xconv BN
 (``retain.models.xconv_bn``) keeps each task's BN (weight, bias, variance) and conv-input means and, when an old
 task is evaluated, recomputes that task's BN means through the current convs. Nothing is frozen for good.
+
+On several processes BN must see the global batch, as in the paper: on CUDA (NCCL) the backbone's BatchNorm2d
+layers become ``SyncBatchNorm`` at ``setup``; elsewhere (gloo: torch's SyncBatchNorm needs CUDA) each process
+normalises its own slice and ``setup`` says so in one warning. The Xconv input trackers are all-reduced either way.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from timm.layers import convert_sync_batchnorm
 from torch import nn
 
+from retain import distributed
 from retain.data.scenarios import Scenario, Task
 from retain.methods.base import ContinualModel, Method, MethodConfig, Prediction, Stage, register_method
 from retain.models.continual import head_prefix
-from retain.models.xconv_bn import XconvBN
+from retain.models.xconv_bn import XconvBN, is_batchnorm2d
 
-__all__ = ["ConFiTConfig", "ConFiT", "hierarchical_epochs"]
+__all__ = ["ConFiTConfig", "ConFiT", "hierarchical_epochs", "sync_batchnorm"]
 
 
 def hierarchical_epochs(epochs: int) -> tuple[int, int, int]:
@@ -38,6 +45,28 @@ def hierarchical_epochs(epochs: int) -> tuple[int, int, int]:
     bn_start = epochs // 5 or epochs // 2 or epochs  # first epoch that trains more than the head
     all_start = epochs // 2 or epochs  # first epoch that trains everything
     return bn_start, all_start - bn_start, epochs - all_start
+
+
+def sync_batchnorm(module: nn.Module) -> int:
+    """Replace every BatchNorm2d under ``module`` by a ``SyncBatchNorm`` holding the same parameters and buffers
+    (timm's converter: a BatchNormAct2d keeps its activation); names and state_dict keys are unchanged. Returns
+    how many were replaced (0 when there are none left)."""
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(parent, name, convert_sync_batchnorm(child))
+                replaced += 1
+    return replaced
+
+
+def _per_process_notice(train_cfg: Any) -> str:
+    """The one line rank 0 prints when BN cannot be synchronised over this run's processes."""
+    plan = distributed.batch_plan(train_cfg)
+    return (f"confit on {plan['processes']} processes without CUDA/NCCL: torch's SyncBatchNorm needs CUDA, so each "
+            f"process's BatchNorm uses the statistics of its own {plan['per_process_batch']} of the "
+            f"{plan['global_batch']} images of a batch, not the paper's (the Xconv input trackers are global); run "
+            "one process, or CUDA GPUs, for the paper's BatchNorm")  # fmt: skip
 
 
 @dataclass
@@ -77,8 +106,8 @@ class ConFiT(Method):
         return [head_prefix(task.index)] if self.scenario.protocol == "task_il" else self.seen_heads(task)
 
     def bn_prefixes(self) -> list[str]:
-        """Parameter prefixes of every BatchNorm2d of the backbone (their affine weight and bias)."""
-        return [f"backbone.{n}." for n, m in self.model.backbone.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        """Parameter prefixes of every BatchNorm2d (or SyncBatchNorm) of the backbone: their affine weight and bias."""
+        return [f"backbone.{n}." for n, m in self.model.backbone.named_modules() if is_batchnorm2d(m)]
 
     def trainable_prefixes(self, task: Task) -> list[str]:
         return ["backbone.", *self.head_prefixes(task)]
@@ -101,6 +130,16 @@ class ConFiT(Method):
         return [s for s in stages if s.epochs > 0]  # the official per-epoch rule, run-length encoded
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """On several processes: BatchNorm2d -> SyncBatchNorm where supported (CUDA, NCCL), else one warning."""
+        super().setup()
+        if not distributed.active() or not any(is_batchnorm2d(m) for m in self.model.backbone.modules()):
+            return
+        if distributed.sync_batchnorm_supported(self.device):
+            sync_batchnorm(self.model.backbone)
+        elif distributed.is_main():
+            warnings.warn(_per_process_notice(self.train_cfg), stacklevel=2)
+
     def before_task(self, task: Task) -> None:
         self.route(None)  # train on from the previous task's state, whatever was evaluated last
         super().before_task(task)

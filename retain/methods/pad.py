@@ -56,6 +56,7 @@ class PAD(LwF):
     """LwF + PAD; see the module docstring."""
 
     config_class = PADConfig
+    compile_blocker = "its attention records hook inside the backbone"
 
     def __init__(self, cfg: PADConfig, model, scenario, train_cfg) -> None:
         super().__init__(cfg, model, scenario, train_cfg)

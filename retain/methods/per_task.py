@@ -51,6 +51,8 @@ class PerTaskMethod(Method):
         super().__init__(cfg, model, scenario, train_cfg)
         self.per_task = self.selects_task or resolve_per_task(getattr(cfg, "per_task", None), scenario, self.name)
         self.task_aware_predict = self.per_task
+        if self.per_task:
+            self.compile_blocker = "each task routes its own weights inside the backbone (a compilation per task)"
 
     # ---- what a task owns -----------------------------------------------------------------------------------------
     def owned(self, t: int) -> list[str]:

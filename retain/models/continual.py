@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -24,13 +26,19 @@ class ContinualModel(nn.Module):
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.backbone, self.head = backbone, head
+        # train.compile: a compiled ``(backbone, x) -> backbone.forward_features(x)`` (retain.engine.compiling)
+        self.compiled_features: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
     def set_seen(self, n_tasks: int) -> None:
         """Let the head predict the classes of tasks 0..n_tasks-1 (the others' logits are -inf)."""
         self.head.n_active = n_tasks
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)  # (B, D)
+        if self.compiled_features is not None:
+            tokens = self.compiled_features(self.backbone, x)  # (B, N, D) or (B, C, H, W)
+        else:
+            tokens = self.backbone.forward_features(x)
+        return self.backbone.forward_head(tokens, pre_logits=True)  # (B, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # (B, C)

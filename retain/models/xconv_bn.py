@@ -7,9 +7,10 @@ conv feeds to ``mean_{h,w} conv_current(M)``, where ``M`` is a constant (phase-t
 means. The running variance is not corrected.
 
 - ``recover_mean(conv, input_mean, size)``: that recomputation for one conv.
-- ``conv_bn_pairs(model)``: every (Conv2d, BatchNorm2d it feeds) pair of a ResNet-style model.
+- ``conv_bn_pairs(model)``: every (Conv2d, BatchNorm2d it feeds) pair of a ResNet-style model (a BN converted to
+  ``SyncBatchNorm`` counts as one: ``is_batchnorm2d``).
 - ``InputMeanTracker``: the EMA of one conv's input means, in registered buffers, updated by a forward pre-hook
-  in train mode only.
+  in train mode only; in a process group it folds in the global batch's means (an all-reduce in the hook).
 - ``XconvBN``: the trackers plus per-task snapshots of every BN (weight, bias, running mean, running variance)
   and of the tracked means, all buffers, so they follow ``.to(device)`` and are saved in checkpoints.
 """
@@ -20,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["recover_mean", "phase_map", "conv_bn_pairs", "InputMeanTracker", "XconvBN"]
+from retain import distributed
+
+__all__ = ["recover_mean", "phase_map", "is_batchnorm2d", "conv_bn_pairs", "InputMeanTracker", "XconvBN"]
 
 
 def phase_map(input_mean: torch.Tensor, size: tuple[int, int], period: tuple[int, int] = (2, 2)) -> torch.Tensor:
@@ -68,6 +71,11 @@ def recover_mean(conv: nn.Conv2d, input_mean: torch.Tensor, size: tuple[int, int
     return out.mean(dim=(0, 2, 3))  # (O,)
 
 
+def is_batchnorm2d(module: nn.Module) -> bool:
+    """A BatchNorm2d, also once converted to ``nn.SyncBatchNorm`` (which is not a BatchNorm2d subclass)."""
+    return isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm))
+
+
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv name, BN name) for every BatchNorm2d registered right after a Conv2d with as many output channels.
 
@@ -80,7 +88,7 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         previous: tuple[str, nn.Module] | None = None
         for name, child in parent.named_children():
             full = f"{parent_name}.{name}" if parent_name else name
-            if isinstance(child, nn.BatchNorm2d) and previous is not None:
+            if is_batchnorm2d(child) and previous is not None:
                 conv = previous[1]
                 if isinstance(conv, nn.Conv2d) and conv.out_channels == child.num_features:
                     pairs.append((previous[0], full))
@@ -94,7 +102,9 @@ class InputMeanTracker(nn.Module):
 
     Buffers: ``mean`` (P, C) with P = stride_h * stride_w phases (P = 1 for stride 1), ``size`` the input (H, W)
     last seen, and ``saved`` (T, P, C) the per-task snapshots. Attach with
-    ``conv.register_forward_pre_hook(tracker.hook)``; it updates only while the conv is in train mode.
+    ``conv.register_forward_pre_hook(tracker.hook)``; it updates only while the conv is in train mode. In a process
+    group (``retain.distributed``) each update is a collective: every process must run its train-mode forwards in
+    lockstep (DDP steps do), and all of them then hold the EMA of the global batches' means.
     """
 
     def __init__(
@@ -110,12 +120,13 @@ class InputMeanTracker(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Fold one batch (B, C, H, W) into the EMA."""
+        """Fold one batch (B, C, H, W) into the EMA; in a process group, the mean of every process's slice."""
         sh, sw = self.period
-        x = x.detach()
-        batch = torch.stack(
-            [x[:, :, r::sh, s::sw].mean(dim=(0, 2, 3), dtype=torch.float32) for r in range(sh) for s in range(sw)]
-        )  # (P, C)
+        phases = [x.detach()[:, :, r::sh, s::sw] for r in range(sh) for s in range(sw)]
+        if distributed.active():
+            batch = _global_mean(phases)
+        else:
+            batch = torch.stack([p.mean(dim=(0, 2, 3), dtype=torch.float32) for p in phases])  # (P, C)
         self.mean.lerp_(batch, self.momentum)
         self.size[0], self.size[1] = x.shape[-2], x.shape[-1]
 
@@ -125,8 +136,18 @@ class InputMeanTracker(nn.Module):
             self.update(args[0])
 
 
+def _global_mean(phases: list[torch.Tensor]) -> torch.Tensor:
+    """(P, C) channel means of each phase (B_r, C, h, w) over the global batch: one all-reduce of every process's
+    per-sample means summed and its sample count B_r, so slices of different sizes weigh by their samples (the
+    spatial size is the same on every process)."""
+    sums = torch.stack([p.mean(dim=(2, 3), dtype=torch.float32).sum(0) for p in phases])  # (P, C)
+    count = sums.new_full((len(phases), 1), float(phases[0].shape[0]))  # (P, 1)
+    both = distributed.all_reduce_sum(torch.cat([sums, count], dim=1))  # (P, C + 1)
+    return both[:, :-1] / both[:, -1:]
+
+
 class _BNSnapshots(nn.Module):
-    """Per-task (weight, bias, running_mean, running_var) of one BatchNorm2d: buffer ``saved`` (T, 4, C)."""
+    """Per-task (weight, bias, running_mean, running_var) of one BatchNorm2d or SyncBatchNorm: ``saved`` (T, 4, C)."""
 
     def __init__(self, channels: int, n_tasks: int) -> None:
         super().__init__()
@@ -152,7 +173,7 @@ class XconvBN(nn.Module):
     def __init__(self, backbone: nn.Module, n_tasks: int, momentum: float = 0.1) -> None:
         super().__init__()
         self.pairs = conv_bn_pairs(backbone)
-        self.bn_names = [n for n, m in backbone.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        self.bn_names = [n for n, m in backbone.named_modules() if is_batchnorm2d(m)]
         self.trackers = nn.ModuleDict()
         self.bns = nn.ModuleDict()
         for name in self.bn_names:
