@@ -255,3 +255,33 @@ def sync_batchnorm_supported(device: torch.device | str) -> bool:
     """True in a process group where torch's ``SyncBatchNorm`` can synchronise: CUDA tensors over NCCL (it refuses
     CPU tensors, so gloo on the CPU cannot)."""
     return active() and torch.device(device).type == "cuda" and dist.get_backend() == "nccl"
+
+
+__all__ += ["one_node", "gather_counts", "broadcast_text"]
+
+
+def one_node() -> bool:
+    """True in a process group whose processes all run on this node (node-local shared memory reaches each one)."""
+    return active() and world_size() == local_world_size()
+
+
+def gather_counts(n: int) -> list[int]:
+    """Every process's ``n`` in rank order (``[n]`` outside a group): e.g. shard lengths, whose sums give offsets."""
+    if not active():
+        return [n]
+    dev = _comm_device(torch.empty(0))
+    parts = [torch.empty(1, dtype=torch.int64, device=dev) for _ in range(world_size())]
+    dist.all_gather(parts, torch.tensor([n], dtype=torch.int64, device=dev))
+    return [int(p) for p in parts]
+
+
+def broadcast_text(text: str) -> str:
+    """Rank 0's ``text`` on every process (e.g. a file name it chose); ``text`` alone outside a group."""
+    if not active():
+        return text
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)  # (bytes,)
+    size = int(broadcast_from_main(torch.tensor([len(data)], dtype=torch.int64)))
+    if not size:
+        return ""
+    buf = data if is_main() else torch.empty(size, dtype=torch.uint8)  # (bytes,)
+    return bytes(broadcast_from_main(buf).tolist()).decode()

@@ -66,6 +66,7 @@ def dry_build(cfg: RunConfig) -> tuple[Scenario, Method, set[str]]:
     scenario = dry_scenario(cfg)
     cfg.model.pretrained = False  # never download for an inspection
     method = build_method(cfg, build_model(cfg, scenario), scenario)
+
     def mark(v: torch.Tensor) -> tuple:  # a meta tensor (a model built without memory) has no values to hash
         return (v.data_ptr(), tensor_sha256(v)) if not v.is_meta else ("meta", tuple(v.shape), v.dtype)
 

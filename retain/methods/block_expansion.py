@@ -15,6 +15,12 @@ blocks below the first new one can be computed once per task and cached (``cache
 from __future__ import annotations
 
 import copy
+import math
+import mmap
+import os
+import secrets
+import tempfile
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +37,8 @@ from retain.models.adapters import expand_blocks
 __all__ = ["BlockExpansionConfig", "BlockExpansion", "TaskBlock", "deterministic_train"]
 
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SHM_DIR = "/dev/shm"  # node-local shared memory: where one process group on one node shares its prefix cache
+HEADROOM = 2**30  # bytes the shared prefix cache leaves free where it goes (NCCL and DataLoader workers use /dev/shm)
 
 
 @dataclass
@@ -153,10 +161,12 @@ class BlockExpansion(PerTaskMethod):
 
     def prefix_cache_bytes(self, task: Task) -> int:
         """Size of ``task``'s prefix cache: (N, L, D) tokens of its training images in ``cache_dtype``."""
+        return len(task.train) * math.prod(self._token_shape()) * CACHE_DTYPES[self.cfg.cache_dtype].itemsize
+
+    def _token_shape(self) -> tuple[int, int]:
+        """(L, D) of one image's prefix tokens."""
         vit = self.model.backbone
-        n_tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
-        itemsize = CACHE_DTYPES[self.cfg.cache_dtype].itemsize
-        return len(task.train) * n_tokens * vit.embed_dim * itemsize
+        return vit.patch_embed.num_patches + vit.num_prefix_tokens, vit.embed_dim
 
     def _prefix_modules(self) -> list[nn.Module]:
         vit = self.model.backbone
@@ -164,26 +174,34 @@ class BlockExpansion(PerTaskMethod):
 
     def prefix_dataset(self, task: Task) -> Dataset:
         """(tokens (N, L, D) in ``cache_dtype``, labels) of the task's training images (deterministic transform),
-        computed once, written batch by batch into one preallocated tensor (no list of batches to concatenate)."""
+        computed once, written batch by batch into one preallocated tensor (no list of batches to concatenate). Each
+        process computes its shard; on one node they write it into one shared file mapping (one copy per node, see
+        :class:`_SharedRows`), else the shards are gathered (a copy per process)."""
         self.prefix_cached.append(task.index)
         was_training = self.model.training
         self.model.eval()
         loader = self.loader(task.train_eval)
         rows = getattr(loader.batch_sampler, "indices", None)  # this process's rows (not iterated: no RNG draw)
         n = len(rows) if rows is not None else len(loader.dataset)
-        tokens = labels = None
+        dtype = CACHE_DTYPES[self.cfg.cache_dtype]
+        shared = _SharedRows.open(n, self._token_shape(), dtype) if distributed.one_node() else None
+        tokens = shared.rows if shared is not None else None  # (N_r, L, D): its rows of the shared cache
+        labels = None
         lo = 0
         with torch.no_grad():
             for x, y in loader:
                 t = self.prefix_tokens(x.to(self.device))  # (B, L, D)
                 if tokens is None:
-                    tokens = torch.empty((n, *t.shape[1:]), dtype=CACHE_DTYPES[self.cfg.cache_dtype])  # (N_r, L, D)
+                    tokens = torch.empty((n, *t.shape[1:]), dtype=dtype)  # (N_r, L, D)
+                if labels is None:
                     labels = torch.empty(n, dtype=y.dtype)  # (N_r,)
                 tokens[lo : lo + len(y)] = t.float().cpu()  # float32 first: the same values as the feature cache's
                 labels[lo : lo + len(y)] = y
                 lo += len(y)
         self.model.train(was_training)
-        return TensorDataset(distributed.gather_rows(tokens), distributed.gather_rows(labels))
+        labels = distributed.gather_rows(labels)  # (N,)
+        tokens = shared.finish() if shared is not None else distributed.gather_rows(tokens)  # (N, L, D)
+        return TensorDataset(tokens, labels)
 
     # ---- checkpoint ------------------------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
@@ -203,3 +221,101 @@ def _stochastic(modules: list[nn.Module]) -> bool:
         if rate:
             return True
     return False
+
+
+def _free_bytes(directory: str) -> int:
+    """Bytes a process may still write under ``directory`` (0 when it is missing)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def _reserve(path: str, nbytes: int) -> bool:
+    """Create ``path`` (new, owner-only) with ``nbytes`` allocated: a full device is this False, never a SIGBUS while
+    a process writes its rows later."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return False
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, nbytes)
+        else:  # macOS: a sparse file (a full device would then fail at a write)
+            os.ftruncate(fd, nbytes)
+        return True
+    except OSError:
+        os.unlink(path)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _create_cache_file(nbytes: int) -> str:
+    """Rank 0: a new ``nbytes`` file named uniquely (pid and a random token) in ``SHM_DIR`` when it has room (and
+    ``HEADROOM`` besides), else in the temporary directory (one warning); "" when neither has (one warning): every
+    process gathers a copy."""
+    name = f"retain-prefix-cache-{os.getpid()}-{secrets.token_hex(8)}.bin"
+    tmp = tempfile.gettempdir()
+    for directory in dict.fromkeys((SHM_DIR, tmp)):
+        path = os.path.join(directory, name)
+        if _free_bytes(directory) >= nbytes + HEADROOM and _reserve(path, nbytes):
+            if directory != SHM_DIR:
+                warnings.warn(f"prefix cache: no room for {nbytes / 2**30:.2f} GB in {SHM_DIR}; the processes share "
+                              f"it through {tmp} instead", stacklevel=3)  # fmt: skip
+            return path
+    warnings.warn(f"prefix cache: no room for {nbytes / 2**30:.2f} GB in {SHM_DIR} or {tmp}; every process "
+                  "holds its own copy", stacklevel=3)  # fmt: skip
+    return ""
+
+
+class _SharedRows:
+    """A prefix cache (N, L, D) in one node-local file that every process of a one-node group maps: each writes its
+    shard's rows (at the sum of the lower ranks' row counts, where ``gather_rows`` would put them), then maps the
+    whole of it copy-on-write. The node holds one copy, not one per process; the file is unlinked as soon as every
+    process has it open (the mappings keep its memory until the last one goes)."""
+
+    def __init__(self, path: str, counts: list[int], shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.fd = os.open(path, os.O_RDWR)
+        self.shape, self.dtype = (sum(counts), *shape), dtype
+        self.nbytes = math.prod(self.shape) * dtype.itemsize
+        whole = torch.frombuffer(mmap.mmap(self.fd, self.nbytes), dtype=dtype).view(self.shape)  # (N, L, D) shared
+        lo = sum(counts[: distributed.rank()])
+        self.rows = whole[lo : lo + counts[distributed.rank()]]  # (N_r, L, D): this process's rows, written in place
+
+    @classmethod
+    def open(cls, n: int, shape: tuple[int, ...], dtype: torch.dtype) -> _SharedRows | None:
+        """Collective: the shared cache of every process's ``n`` rows of ``shape``; None (on every process) when
+        rank 0 finds no room for it, a process cannot open rank 0's file, or it would be empty."""
+        counts = distributed.gather_counts(n)
+        nbytes = sum(counts) * math.prod(shape) * dtype.itemsize
+        path = distributed.broadcast_text(_create_cache_file(nbytes) if distributed.is_main() and nbytes else "")
+        if not path:
+            return None
+        try:
+            shared = cls(path, counts, shape, dtype)
+        except OSError:  # e.g. a process whose /dev/shm is not rank 0's (another container)
+            shared = None
+        try:
+            opened = int(distributed.all_reduce_sum(torch.tensor([shared is not None], dtype=torch.int64)))
+        finally:
+            if distributed.is_main():
+                os.unlink(path)  # every process has it open (or gives up)
+        if opened == distributed.world_size():
+            return shared
+        if shared is not None:
+            os.close(shared.fd)
+        if distributed.is_main():
+            warnings.warn(f"prefix cache: not every process could open {path}; every process holds its own copy",
+                          stacklevel=3)  # fmt: skip
+        return None
+
+    def finish(self) -> torch.Tensor:
+        """Collective, once this process's rows are written: (N, L, D), every process's rows, mapped copy-on-write
+        (the pages stay the node's one copy unless this process writes to them)."""
+        self.rows = None  # the writable mapping goes with the caller's last reference to its rows
+        distributed.barrier()  # every process's rows are written
+        buf = mmap.mmap(self.fd, self.nbytes, access=mmap.ACCESS_COPY)
+        os.close(self.fd)
+        return torch.frombuffer(buf, dtype=self.dtype).view(self.shape)  # (N, L, D)
