@@ -130,21 +130,27 @@ def _header(t: torch.Tensor | None, dev: torch.device) -> torch.Tensor:
     return h
 
 
+def _shapes(t: torch.Tensor | None, caller: str) -> tuple[torch.device, list[int], torch.dtype, list[int]]:
+    """(device of the collective, every process's row count, dtype, trailing shape) of the shards ``t`` (None: an
+    empty shard), exchanged in one all-gather of fixed-size headers."""
+    dev = _comm_device(t if t is not None else torch.empty(0))
+    headers = [torch.empty(8, dtype=torch.int64, device=dev) for _ in range(world_size())]
+    dist.all_gather(headers, _header(t, dev))
+    given = [h for h in headers if h[0] >= 0]
+    if not given:
+        raise ValueError(f"{caller}: no process has any rows")
+    dtype, ndim = _DTYPES[int(given[0][1])], int(given[0][2])
+    trailing = [int(s) for s in given[0][3 : 2 + ndim]]
+    return dev, [max(int(h[0]), 0) for h in headers], dtype, trailing
+
+
 def gather_rows(t: torch.Tensor | None) -> torch.Tensor:
     """Every process's ``t`` (N_r, ...) concatenated in rank order (sum N_r, ...), on every process; the shards may
     have different lengths (they are padded for the collective and cut back), and a process whose shard was empty
     may pass None (dtype and trailing shape come from the others). In one process: ``t``."""
     if not active():
         return t
-    dev = _comm_device(t if t is not None else torch.empty(0))
-    headers = [torch.empty(8, dtype=torch.int64, device=dev) for _ in range(world_size())]
-    dist.all_gather(headers, _header(t, dev))
-    given = [h for h in headers if h[0] >= 0]
-    if not given:
-        raise ValueError("gather_rows: no process has any rows")
-    dtype, ndim = _DTYPES[int(given[0][1])], int(given[0][2])
-    trailing = [int(s) for s in given[0][3 : 2 + ndim]]
-    rows = [max(int(h[0]), 0) for h in headers]
+    dev, rows, dtype, trailing = _shapes(t, "gather_rows")
     padded = torch.zeros((max(rows), *trailing), dtype=dtype, device=dev)  # (longest, ...)
     if t is not None:
         padded[: t.shape[0]] = t.to(dev)
@@ -213,19 +219,12 @@ def gather_rows_to_main(t: torch.Tensor | None) -> torch.Tensor | None:
     process holds more than its shard, and rank 0 the result besides. In one process: ``t``."""
     if not active():
         return t
-    dev = _comm_device(t if t is not None else torch.empty(0))
-    headers = [torch.empty(8, dtype=torch.int64, device=dev) for _ in range(world_size())]
-    dist.all_gather(headers, _header(t, dev))
-    given = [h for h in headers if h[0] >= 0]
-    if not given:
-        raise ValueError("gather_rows_to_main: no process has any rows")
+    dev, rows, dtype, trailing = _shapes(t, "gather_rows_to_main")
     if not is_main():
         if t is not None and len(t):
             dist.send(t.to(dev).contiguous(), dst=0)
         return None
-    dtype, ndim = _DTYPES[int(given[0][1])], int(given[0][2])
-    rows = [max(int(h[0]), 0) for h in headers]
-    out = torch.empty((sum(rows), *[int(s) for s in given[0][3 : 2 + ndim]]), dtype=dtype, device=dev)
+    out = torch.empty((sum(rows), *trailing), dtype=dtype, device=dev)
     lo = 0
     for r, n in enumerate(rows):
         if n and r == 0:

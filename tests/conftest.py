@@ -75,6 +75,24 @@ def build_with_random_weights(overrides: list[str]):
     return build_method(cfg, model, scenario), reference
 
 
+def torchrun_worker(tmp_path: Path, source: str, spec: object, timeout: float = 300):
+    """Run ``source`` as a script on 2 gloo processes (torchrun, standalone) with ``json.dumps(spec)`` as its one
+    argument, ``tests`` importable; the finished process (its exit code asserted 0, stderr's tail as the message)."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    worker = tmp_path / "worker.py"
+    worker.write_text(source)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           json.dumps(spec)]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def needs_shared(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():

@@ -3,12 +3,6 @@ one warning where it does not (gloo), and the Xconv input trackers all-reduced s
 batches' EMA. The conversion is tested on the CPU with the distributed state mocked (without a process group a
 SyncBatchNorm computes what a BatchNorm2d does); the trackers and the warning on 2 real gloo processes."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,9 +16,8 @@ from retain.methods.confit import sync_batchnorm
 from retain.models import create_backbone
 from retain.models.xconv_bn import XconvBN, conv_bn_pairs
 
-from conftest import CONFIT_CNN
+from conftest import CONFIT_CNN, torchrun_worker
 
-ROOT = Path(__file__).resolve().parents[1]
 CNN = CONFIT_CNN | {"method.name": "confit", "train.epochs": "2", "train.lr": "0.05"}
 NOTICE = "torch's SyncBatchNorm needs CUDA"
 BATCHES = [8, 3, 1, 6]  # global batches of the tracker check: split 4/4, 1/2, 0/1 (an empty slice), 3/3
@@ -130,24 +123,13 @@ def test_one_process_neither_converts_nor_warns(tiny, monkeypatch, recwarn):
     assert not [w for w in recwarn if NOTICE in str(w.message)]
 
 
-def _torchrun(tmp_path: Path, spec: dict) -> subprocess.CompletedProcess:
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           json.dumps(spec)]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def test_two_gloo_processes_hold_the_one_process_tracker_means(tiny, tmp_path):
     """Trackers fed slices of different sizes (one empty) on 2 gloo processes equal the one-process trackers; a
     ConFiT run on 2 processes ends with the one-process stem tracker (its input is the images, whatever BN does),
     and rank 0 alone prints the notice, once."""
     one = feed_trackers(BATCHES)
     overrides = {"run": tiny(**(CNN | UNEVEN), name="two"), "batches": BATCHES, "trackers": str(tmp_path / "t.pt")}
-    proc = _torchrun(tmp_path, overrides)
+    proc = torchrun_worker(tmp_path, WORKER, overrides)
     two = torch.load(tmp_path / "t.pt")
     assert one.keys() == two.keys() and len(one) == 19
     for k in one:

@@ -4,8 +4,6 @@ fallbacks when shared memory has no room. Two real gloo processes on the CPU, an
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -18,9 +16,8 @@ from retain.engine import RunContext, build_run, run
 from retain.methods import block_expansion
 from retain.methods.block_expansion import SHM_DIR, _create_cache_file
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, torchrun_worker
 
-ROOT = Path(__file__).resolve().parents[1]
 # 24 images of task 0 in pass batches of 5: 5 batches split 2 / 3 (10 and 14 rows), the last one short
 OVER = {"method.name": "block_expansion", "data.augment": "none", "train.eval_batch_size": "5",
         "model.kwargs": "{depth: 2, embed_dim: 32, num_heads: 2, img_size: 16}"}  # fmt: skip
@@ -95,16 +92,6 @@ def mapping_of(t: torch.Tensor) -> dict | None:
     return None
 
 
-def _torchrun(tmp_path: Path, spec: dict) -> None:
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           json.dumps(spec)]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 def _weights(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(tmp_path / "runs" / name / "checkpoints" / "task_001.safetensors"))
 
@@ -112,7 +99,7 @@ def _weights(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
 def test_one_node_shares_one_mapped_copy_equal_to_the_gathered_cache(tmp_path):
     overrides = tiny_overrides(tmp_path, **OVER)
     training = [*tiny_overrides(tmp_path, **OVER, **TRAIN), "name=two", "train.num_workers=2"]
-    _torchrun(tmp_path, {"overrides": overrides, "out": str(tmp_path), "run": training})
+    torchrun_worker(tmp_path, WORKER, {"overrides": overrides, "out": str(tmp_path), "run": training})
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for dtype in ("float32", "bfloat16"):
         for r, res in enumerate(r[dtype] for r in ranks):
