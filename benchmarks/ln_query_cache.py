@@ -2,7 +2,7 @@
 
 - old key: the batch copied to the host, then blake2b over each image's bytes (``retain`` before issue #25 item 8);
 - new key: exact integer projections of each image's 16-bit words, computed where the batch lives, (B, k) numbers
-  to the host (``retain.methods.ln_tuning._image_keys``, projections already built: they are made once per shape);
+  to the host (``retain.models.query.image_keys``, projections already built: they are made once per shape);
 - forward: the frozen pre-trained ViT's CLS token after its final norm in float32, what a cache hit saves.
 
 Each round times the three side by side in a rotating order (``benchmarks.common.time_interleaved``; a key runs
@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from benchmarks.common import machine_info, median_ratio, time_interleaved
-from retain.methods.ln_tuning import _image_keys
 from retain.models import create_backbone
+from retain.models.query import image_keys
 
 MODELS = {
     "vit_tiny_patch4_32 (32 px)": lambda: create_backbone("vit_tiny_patch4_32", pretrained=False),
@@ -52,7 +52,7 @@ def build_case(name: str, batch: int, device: torch.device, key_reps: int) -> tu
     x = torch.rand(batch, 3, *model.patch_embed.img_size, device=device)  # (B, 3, H, W)
     weights: dict = {}
     start = time.perf_counter()
-    _image_keys(x, weights)  # builds the projections once (per image shape and device)
+    image_keys(x, weights)  # builds the projections once (per image shape and device)
     build_s = time.perf_counter() - start
     (w,) = weights.values()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -70,7 +70,7 @@ def build_case(name: str, batch: int, device: torch.device, key_reps: int) -> tu
 
         return run
 
-    fns = {"old key": repeated(lambda: old_key(x)), "new key": repeated(lambda: _image_keys(x, weights)),
+    fns = {"old key": repeated(lambda: old_key(x)), "new key": repeated(lambda: image_keys(x, weights)),
            "forward": forward}  # fmt: skip
     return fns, {"projections": tuple(w.shape), "projection_mb": w.numel() * 8 / 2**20, "build_s": build_s}
 

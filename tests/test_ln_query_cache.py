@@ -6,8 +6,8 @@ import torch
 
 from retain.config import load_config
 from retain.engine import build_run, run
-from retain.methods import ln_tuning
-from retain.methods.ln_tuning import _image_keys, _key_weights
+from retain.models import query
+from retain.models.query import image_keys, key_weights
 
 CPU = torch.device("cpu")
 
@@ -62,9 +62,9 @@ def test_keys_do_not_touch_the_global_rng():
     torch.manual_seed(123)
     state = torch.get_rng_state()
     weights = {}
-    _image_keys(x, weights)  # draws the projections
+    image_keys(x, weights)  # draws the projections
     assert len(weights) == 1 and torch.equal(torch.get_rng_state(), state)
-    assert torch.equal(_key_weights(384, CPU), _key_weights(384, CPU))  # fixed, whatever the global seed
+    assert torch.equal(key_weights(384, CPU), key_weights(384, CPU))  # fixed, whatever the global seed
 
 
 def test_keys_are_exact_whatever_the_batch_chunking_and_dtype(monkeypatch):
@@ -72,7 +72,7 @@ def test_keys_are_exact_whatever_the_batch_chunking_and_dtype(monkeypatch):
     x = torch.rand(7, 3, 224, 224, generator=gen)
     x[0].view(torch.int32).fill_(-(2**31) + 2**15)  # bits 0x80008000: every word -2^15, the largest |key|
     weights = {}
-    keys = _image_keys(x, weights)
+    keys = image_keys(x, weights)
     words = x.flatten(1).view(torch.int16).long()  # (B, n)
     (w,) = weights.values()  # (n, k)
     bits = 38 - (words.shape[1] - 1).bit_length()
@@ -81,16 +81,16 @@ def test_keys_are_exact_whatever_the_batch_chunking_and_dtype(monkeypatch):
     exact = words @ w.long()  # int64: no rounding anywhere
     head = f"{x.dtype}{tuple(x.shape[1:])}".encode()
     assert keys == [head + row.tobytes() for row in exact.double().numpy()]
-    assert [_image_keys(x[i : i + 1], weights)[0] for i in range(len(x))] == keys  # batch of one
-    assert _image_keys(x.flip(0), weights) == keys[::-1]
-    monkeypatch.setattr(ln_tuning, "_KEY_CHUNK", {"cpu": 1000})  # many chunks, another summation order
-    assert _image_keys(x, weights) == keys
-    assert _image_keys(x.contiguous(memory_format=torch.channels_last), weights) == keys  # keyed in logical order
+    assert [image_keys(x[i : i + 1], weights)[0] for i in range(len(x))] == keys  # batch of one
+    assert image_keys(x.flip(0), weights) == keys[::-1]
+    monkeypatch.setattr(query, "KEY_CHUNK", {"cpu": 1000})  # many chunks, another summation order
+    assert image_keys(x, weights) == keys
+    assert image_keys(x.contiguous(memory_format=torch.channels_last), weights) == keys  # keyed in logical order
     assert len(set(keys)) == len(keys)
     # the same values in another dtype are another image; uint8 images with an odd byte count are keyed by bytes
-    assert _image_keys(x[:2].double(), weights)[0] != keys[0]
+    assert image_keys(x[:2].double(), weights)[0] != keys[0]
     odd = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8, generator=gen)
-    assert len(set(_image_keys(torch.cat([odd, odd]), weights))) == 4
+    assert len(set(image_keys(torch.cat([odd, odd]), weights))) == 4
 
 
 def test_hits_and_misses_are_the_content_hashs(tiny):
@@ -99,7 +99,7 @@ def test_hits_and_misses_are_the_content_hashs(tiny):
     x = torch.cat([_images(scenario), _images(scenario)[:3]])
     x[7, 0, 0, 0] = x[7, 0, 0, 0].nextafter(torch.tensor(2.0))  # one ulp
     x[8, 2, 15, 15] = -x[8, 2, 15, 15]
-    new = _image_keys(x, method.key_weights)
+    new = image_keys(x, method.query.key_weights)
     old = _blake2b(x)
     assert [new.index(k) for k in new] == [old.index(k) for k in old]
 

@@ -35,6 +35,7 @@ from retain.data.scenarios import Scenario, Task
 from retain.methods.base import Batch, ContinualModel, MethodConfig, Prediction, Stage, register_method
 from retain.methods.per_task import PerTaskMethod
 from retain.models.continual import head_prefix
+from retain.models.query import QueryService
 from retain.models.task_layernorm import PRETRAINED, SelectTask, copy_task_rows, inject_task_layernorm, task_layernorms
 
 __all__ = ["LNTuningConfig", "LNTuning", "key_loss", "select_task", "closed_form_key", "similarity_weights"]
@@ -103,43 +104,6 @@ def similarity_weights(names: list[str], scheme: str = "official") -> list[float
     return [1.0 / (len(sizes) * sizes[g]) for g in groups]
 
 
-_KEY_SEED = 0x1A7E_C0DE  # the projections are fixed: the same image gets the same key in every run
-_KEY_BITS = 112  # two different images share a key with probability <= 2^-112 (``_key_weights``)
-_KEY_CHUNK = {"cpu": 2**18, "cuda": 2**24}  # elements of the float64 copy made at a time (CPU: fits L2)
-
-
-def _key_weights(n: int, device: torch.device) -> torch.Tensor:
-    """(n, k) integer-valued float64 projections for images of n 16-bit words, from a private seeded generator (the
-    global RNG is neither read nor advanced).
-
-    Each weight is uniform in [0, 2^b) with n * 2^15 * 2^b <= 2^53: every product and partial sum of a projection of
-    the words (|word| <= 2^15) is an integer that float64 holds exactly, so the key is the same whatever the order of
-    the reduction (batch size, kernel, chunking, device). Two different images differ by d != 0 in some word j; given
-    the other weights, at most one of the 2^b values of weight (j, c) makes projection c of d vanish, so the images
-    share one projection with probability <= 2^-b and all k (independent columns) with probability <= 2^-(b k) <=
-    2^-112, for images not built from the seed: below 2^-73 over all pairs of a run of 2^20 distinct images.
-    """
-    bits = min(31, 38 - (n - 1).bit_length())  # 224 px float32: n = 301,056, b = 19, k = 6 (14 MB)
-    gen = torch.Generator().manual_seed(_KEY_SEED)
-    w = torch.randint(0, 2**bits, (n, -(-_KEY_BITS // bits)), generator=gen, dtype=torch.float64)
-    return w.to(device)
-
-
-def _image_keys(x: torch.Tensor, weights: dict[tuple, torch.Tensor]) -> list[bytes]:
-    """One key per sample of x (B, ...): exact integer projections of its bytes, computed where x lives; only
-    (B, k) numbers go to the host. ``weights`` caches ``_key_weights`` per (words, device)."""
-    words = x.detach().contiguous().flatten(1).view(torch.uint8)  # (B, bytes), any dtype
-    words = words.view(torch.int16) if words.shape[1] % 2 == 0 else words  # (B, n), |value| <= 2^15
-    n = words.shape[1]
-    if (n, x.device) not in weights:
-        weights[n, x.device] = _key_weights(n, x.device)
-    w = weights[n, x.device]  # (n, k)
-    step = max(1, _KEY_CHUNK.get(x.device.type, 2**24) // max(1, len(x)))
-    keys = sum(words[:, s : s + step].double() @ w[s : s + step] for s in range(0, n, step))  # (B, k), exact
-    head = f"{x.dtype}{tuple(x.shape[1:])}".encode()
-    return [head + row.tobytes() for row in keys.cpu().numpy()]
-
-
 @register_method
 class LNTuning(PerTaskMethod):
     """Per-task LayerNorm rows selected by task keys; see the module docstring."""
@@ -164,9 +128,7 @@ class LNTuning(PerTaskMethod):
             model.register_parameter("ln_keys", nn.Parameter(keys))
         model.add_module("ln_fake_head", copy.deepcopy(model.head))  # throwaway head of the LN stage (all active)
         self.row_tables = frozenset([*self.ln_param_names(), *([] if self.single_stage else ["ln_keys"])])
-        self.query_cache: dict[bytes, torch.Tensor] = {}  # image key -> query (host)
-        self.key_weights: dict[tuple, torch.Tensor] = {}  # (words per image, device) -> (words, k) projections
-        self.frozen_images = 0  # images that went through the frozen model (tests, benchmarks)
+        self.query = QueryService(self._frozen_cls)  # q(x), cached per image (retain.models.query)
 
     # ---- parameters -----------------------------------------------------------------------------------------------
     def ln_param_names(self) -> list[str]:
@@ -266,7 +228,7 @@ class LNTuning(PerTaskMethod):
 
     def resume(self, last_task: Task) -> None:
         super().resume(last_task)
-        self.query_cache.clear()
+        self.query.clear()
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """Keys, every LN table, both heads: everything not rebuilt from the pre-trained backbone."""
@@ -281,19 +243,18 @@ class LNTuning(PerTaskMethod):
     @torch.no_grad()
     def queries(self, x: torch.Tensor, cache: bool = True) -> torch.Tensor:
         """(B, D) CLS token of the frozen pre-trained ViT after its final norm, float32 whatever the autocast
-        (cached per image if ``cache``)."""
-        if not cache:
-            return self._frozen_cls(x)
-        keys = _image_keys(x, self.key_weights)
-        miss = [i for i, k in enumerate(keys) if k not in self.query_cache]
-        if miss:
-            fresh = self._frozen_cls(x[miss]).cpu()  # (M, D)
-            for i, q in zip(miss, fresh, strict=True):
-                self.query_cache[keys[i]] = q
-        return torch.stack([self.query_cache[k] for k in keys]).to(x.device)  # (B, D)
+        (cached per image if ``cache``): ``self.query``."""
+        return self.query(x, cache)
+
+    @property
+    def query_cache(self) -> dict[bytes, torch.Tensor]:
+        return self.query.cache
+
+    @property
+    def frozen_images(self) -> int:
+        return self.query.frozen_images
 
     def _frozen_cls(self, x: torch.Tensor) -> torch.Tensor:
-        self.frozen_images += len(x)
         with _fp32(x):
             if self.query_model is not None:
                 return self.query_model.forward_features(x.float())[:, 0]  # (B, D)
