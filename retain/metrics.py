@@ -15,6 +15,7 @@ import numpy as np
 
 __all__ = [
     "FORGETTING_DEFINITIONS",
+    "forgetting_step_drop",
     "as_accuracy_matrix",
     "average_accuracy",
     "average_incremental_accuracy",
@@ -137,6 +138,16 @@ def forgetting(A: Any, definition: str = "max_upto") -> float:
     return float(np.mean(per_task)) if per_task else 0.0
 
 
+def forgetting_step_drop(A: Any) -> float:
+    """CODA-Prompt's forgetting (Smith et al., CVPR 2023, ``utils/calc_forgetting.py``; PROMPTS.md §1.6): the mean over
+    steps ``t = 1 .. T-1`` of the mean drop of the earlier tasks from step ``t-1`` to ``t``,
+    ``1/(T-1) * sum_t 1/t * sum_{i<t} (A[t-1, i] - A[t, i])``; 0.0 for ``T == 1``. Usually smaller than the max-based
+    definitions; do not mix them in one table."""
+    m = as_accuracy_matrix(A)
+    steps = [np.mean(m[t - 1, :t] - m[t, :t]) for t in range(1, m.shape[0])]
+    return float(np.mean(steps)) if steps else 0.0
+
+
 def backward_transfer(A: Any) -> float:
     """Backward transfer ``1/(T-1) * sum_{i<T-1} (A[T-1, i] - A[i, i])`` (Lopez-Paz & Ranzato, GEM); 0.0 if T == 1."""
     m = as_accuracy_matrix(A)
@@ -202,8 +213,9 @@ def summarize(A: Any, task_id_acc: Sequence[float | None] | None = None) -> dict
             ``None``), their mean is reported as ``task_id_accuracy``.
 
     Returns:
-        Dict with ``average_accuracy``, ``average_incremental_accuracy``, ``forgetting`` (max_upto),
-        ``forgetting_max_before``, ``backward_transfer`` and optionally ``task_id_accuracy``.
+        Dict with ``average_accuracy``, ``average_incremental_accuracy``, ``forgetting`` (max_upto: L2P,
+        DualPrompt, LN tuning), ``forgetting_max_before`` (FACIL), ``forgetting_step_drop`` (CODA-Prompt),
+        ``backward_transfer`` and optionally ``task_id_accuracy``.
     """
     m = as_accuracy_matrix(A)
     out = {
@@ -211,6 +223,7 @@ def summarize(A: Any, task_id_acc: Sequence[float | None] | None = None) -> dict
         "average_incremental_accuracy": average_incremental_accuracy(m),
         "forgetting": forgetting(m, "max_upto"),
         "forgetting_max_before": forgetting(m, "max_before"),
+        "forgetting_step_drop": forgetting_step_drop(m),
         "backward_transfer": backward_transfer(m),
     }
     if task_id_acc is not None:

@@ -15,6 +15,7 @@ from retain.metrics import (
     class_weighted_accuracy,
     forgetting,
     forgetting_per_task,
+    forgetting_step_drop,
     summarize,
     task_id_accuracy,
 )
@@ -98,6 +99,14 @@ def test_forgetting_unknown_definition() -> None:
         forgetting_per_task(A_DOC, "nope")
 
 
+def test_forgetting_step_drop_is_codas_mean_of_step_to_step_drops() -> None:
+    # step 1: 81 - 84 = -3; step 2: ((84 - 88) + (90 - 60)) / 2 = 13; mean over the 2 steps: 5
+    assert forgetting_step_drop(A_DOC) == pytest.approx(5.0)
+    # step 1: 90 - 70 = 20; step 2: ((70 - 50) + (80 - 60)) / 2 = 20
+    assert forgetting_step_drop([[90.0, None, None], [70.0, 80.0, None], [50.0, 60.0, 99.0]]) == pytest.approx(20.0)
+    assert forgetting_step_drop([[77.0]]) == 0.0
+
+
 def test_backward_transfer() -> None:
     # ((88 - 81) + (60 - 90)) / 2 = (7 - 30) / 2 = -11.5
     assert backward_transfer(A_DOC) == pytest.approx(-11.5)
@@ -137,6 +146,7 @@ def test_summarize() -> None:
             "average_incremental_accuracy": 83.0,
             "forgetting": 15.0,
             "forgetting_max_before": 13.0,
+            "forgetting_step_drop": 5.0,
             "backward_transfer": -11.5,
         }
     )
