@@ -6,10 +6,13 @@ A method's name is written once, as the default of its config's ``name`` field (
 
 from retain.methods import (  # noqa: F401  (fill the registry)
     block_expansion,
+    coda_prompt,
     confit,
+    dualprompt,
     ewc,
     finetune,
     joint,
+    l2p,
     linear_probe,
     ln_tuning,
     lora,
