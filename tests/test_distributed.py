@@ -2,7 +2,7 @@
 against the one-process run of the same config, and a two-process run killed then resumed.
 
 Tolerance, 2 vs 1 process (``_assert_close``). Finetune, LwF, LN tuning, EWC, SimpleCIL, PAD, LoRA, Block Expansion,
-joint, linear probe (every method but ConFiT): the global batch is the
+joint, linear probe, L2P, DualPrompt, CODA-Prompt (every method but ConFiT): the global batch is the
 one-process batch (same seeded permutation, each process a contiguous slice; the last batch of 3 splits 1 / 2 and
 the shares are weighted), DDP averages the slices' mean gradients, which is the one-process gradient up to float
 summation order, and the extra passes (keys, Fisher, prototypes) are sums or gathers over the same batches. So the
@@ -49,7 +49,10 @@ EXACT = [
     "block_expansion",
     "joint",
     "linear_probe",
-]  # attention hooks, peft, cached tokens/features
+    "l2p",  # the batch-wise vote counted over the global batch
+    "dualprompt",
+    "coda_prompt",
+]  # attention hooks, peft, cached tokens/features, prompt seams
 METHODS = [*EXACT, "confit"]
 WEIGHT_TOL = {"exact": 1e-6, "confit": 1e-2}  # absolute and relative, saved tensors but BN statistics (docstring)
 CONFIT_STEM = ("xbn.trackers.conv1.mean", "xbn.trackers.conv1.saved")  # input = the images: global means, 1e-6

@@ -3,6 +3,7 @@ through the prompt-tuning seam, the trainable counts of §5.1, the presets, a ti
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -17,6 +18,8 @@ from retain.methods import l2p as l2p_module
 from retain.methods.base import mark_trainable
 from retain.methods.l2p import batch_vote, key_loss, l2_normalize, prompt_similarity, select_prompts
 from retain.models.prompting import prompt_token_mean, prompted_features
+
+from conftest import torchrun_worker
 
 CPU = torch.device("cpu")
 PRESETS = ["prompts/cifar100_l2p", "prompts/cifar100_l2p_jax"]
@@ -216,3 +219,30 @@ def test_exported_artefact_holds_the_pool_and_heads_and_predicts_as_the_run(tiny
     with trained.deployed():
         mine, theirs = trained.predict(x), predictor.method.predict(x)
     assert torch.equal(mine.logits, theirs.logits) and theirs.task_ids is None
+
+
+VOTE_WORKER = """
+import json, sys
+import torch
+from retain import distributed
+from retain.methods.l2p import batch_vote
+with distributed.session("cpu"):
+    spec = json.loads(sys.argv[1])
+    idx = torch.tensor(spec["idx"])
+    lo, hi = distributed.shard_bounds(len(idx))
+    votes = [batch_vote(idx[lo:hi], spec["pool"], global_batch=g)[0].tolist() for g in (True, False)]
+    with open(f"vote_{distributed.rank()}.json", "w") as f:
+        json.dump(votes, f)
+"""
+
+
+def test_the_vote_of_two_processes_counts_the_global_batch(tmp_path):
+    """Each process holds half of the batch; the training vote sums their counts, so both get the one-process vote
+    (their own halves would vote for other prompts)."""
+    idx = [[0, 1], [0, 1], [0, 2], [3, 4], [3, 4], [3, 2]]  # one process: 3 x3, 0 x3, 4 x2, 2 x2, 1 x2 -> [0, 3]
+    expected = batch_vote(torch.tensor(idx), 5)[0].tolist()
+    torchrun_worker(tmp_path, VOTE_WORKER, {"idx": idx, "pool": 5})
+    votes = [json.loads((tmp_path / f"vote_{r}.json").read_text()) for r in (0, 1)]
+    assert expected == [0, 3]
+    assert votes[0][0] == votes[1][0] == expected  # global counts
+    assert votes[0][1] == [0, 1] and votes[1][1] == [3, 4]  # each half alone votes otherwise

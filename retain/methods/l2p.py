@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retain import distributed
 from retain.config import ConfigError
 from retain.data.scenarios import Scenario, Task
 from retain.methods.base import Batch, ContinualModel, MethodConfig, Prediction, Stage, register_method
@@ -67,27 +68,34 @@ def prompt_similarity(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return l2_normalize(query.float()) @ l2_normalize(keys.float()).T  # (B, M)
 
 
-def batch_vote(idx: torch.Tensor, pool_size: int) -> torch.Tensor:
+def batch_vote(idx: torch.Tensor, pool_size: int, global_batch: bool = False) -> torch.Tensor:
     """(B, N) the N ids most often among all per-sample selections ``idx`` (B, N), the same for every sample.
 
     As the official code: the ids present are counted; when fewer than ``pool_size`` are present the list is padded
     with ``min(idx)`` at count 0, so padding wins only where fewer than N distinct ids exist. Ties in count go to the
-    smaller id (a stable sort; the official ``topk`` leaves them to the kernel).
+    smaller id (a stable sort; the official ``topk`` leaves them to the kernel). ``global_batch``: under several
+    processes the counts are summed over them (a collective: training steps, which every process takes together),
+    so each slice votes as the one-process batch does.
     """
     B, N = idx.shape
-    ids, counts = torch.unique(idx, return_counts=True)  # (U,), (U,) ids ascending
+    counts = torch.bincount(idx.flatten(), minlength=pool_size)  # (M,)
+    if global_batch and distributed.active():
+        counts = distributed.all_reduce_sum(counts)
+    ids = counts.nonzero().flatten()  # (U,) the ids present, ascending
+    counts = counts[ids]  # (U,)
     if len(ids) < pool_size:
         pad = pool_size - len(ids)
-        ids = torch.cat([ids, idx.min().expand(pad)])  # (M,)
+        ids = torch.cat([ids, ids.min().expand(pad)])  # (M,)
         counts = torch.cat([counts, counts.new_zeros(pad)])  # (M,)
     order = torch.sort(counts, descending=True, stable=True).indices[:N]  # (N,)
     return ids[order].unsqueeze(0).expand(B, N)  # (B, N)
 
 
-def select_prompts(sim: torch.Tensor, top_k: int, batchwise: bool = True) -> torch.Tensor:
-    """(B, N) pool ids from similarities (B, M): per-sample top-N, then (``batchwise``) the batch's majority vote."""
+def select_prompts(sim: torch.Tensor, top_k: int, batchwise: bool = True, global_batch: bool = False) -> torch.Tensor:
+    """(B, N) pool ids from similarities (B, M): per-sample top-N, then (``batchwise``) the batch's majority vote
+    (``global_batch``: over every process's slice, see :func:`batch_vote`)."""
     idx = sim.topk(top_k, dim=1).indices  # (B, N)
-    return batch_vote(idx, sim.shape[1]) if batchwise else idx
+    return batch_vote(idx, sim.shape[1], global_batch) if batchwise else idx
 
 
 def key_loss(query: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -137,7 +145,8 @@ class L2P(PerTaskMethod):
         """CE over the current task's classes on the prompted features, and λ times the key loss."""
         x, y = batch
         query = self.query(x, cache=False)  # (B, D) float32, augmented images: never cached
-        idx = select_prompts(prompt_similarity(query, self.model.l2p_keys), self.cfg.top_k, self.cfg.batchwise_prompt)
+        sim = prompt_similarity(query, self.model.l2p_keys)  # (B, M)
+        idx = select_prompts(sim, self.cfg.top_k, self.cfg.batchwise_prompt, global_batch=True)  # the global batch
         self.count(idx)
         logits = self.mask_logits(self.model.head(self.prompted(x, idx)), y)  # (B, C)
         return {"ce": self.ce(logits, y), "key": self.cfg.key_weight * key_loss(query, self.model.l2p_keys, idx)}
