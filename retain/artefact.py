@@ -24,7 +24,7 @@ from retain.data import IMAGE_EXTENSIONS, ImageDataset
 from retain.data.scenarios import Scenario, Task
 from retain.engine.build import build_transforms, probe_backbone, rebuild_method
 from retain.engine.context import RunError
-from retain.engine.rundir import INIT_FILE, SCENARIO_FILE, RunDir, combined_sha256, state_sha256
+from retain.engine.rundir import INIT_FILE, SCENARIO_FILE, RunDir, combined_sha256, state_sha256, unchanged
 from retain.methods.base import Method
 from retain.models import data_config
 from retain.models.backbones import file_sha256, weights_file
@@ -122,9 +122,10 @@ def _added(state: dict[str, torch.Tensor], initial: dict[str, str], n: int,
            n_tasks: int) -> dict[str, torch.Tensor]:  # fmt: skip
     """The tensors of ``state`` whose sha256 differs from ``initial``'s, without the heads of tasks not trained."""
     untrained = tuple(head_prefix(t) for t in range(n, n_tasks))
-    digests = state_sha256(state)
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()
-            if not k.startswith(untrained) and digests[k] != initial.get(k)}  # fmt: skip
+    same = unchanged(state, initial)
+    return {
+        k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith(untrained) and k not in same
+    }
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], meta: dict[str, str], out: Path) -> None:

@@ -11,8 +11,9 @@ import torch
 from retain.config import ConfigError, load_config
 from retain.engine import RunContext, build_run, fit_task
 from retain.inspect import inspect_config
-from retain.methods.dualprompt import e_prefix_layout, select_prompts, similarity
+from retain.methods.dualprompt import e_prefix_layout, select_prompts
 from retain.models.prompting import prefixes
+from retain.models.query import key_similarity as similarity
 
 CPU = torch.device("cpu")
 DEEP = "{depth: 6, embed_dim: 32, num_heads: 2, img_size: 16}"  # blocks 0-4 prompted, block 5 plain

@@ -18,7 +18,6 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from retain.config import ConfigError
@@ -26,9 +25,9 @@ from retain.data.scenarios import Scenario, Task
 from retain.methods.base import Batch, ContinualModel, MethodConfig, Prediction, Stage, register_method
 from retain.methods.per_task import PerTaskMethod
 from retain.models.prompting import Prefix, add_prefix_attention, prefixes
-from retain.models.query import QueryService, frozen_cls
+from retain.models.query import QueryService, frozen_cls, key_similarity
 
-__all__ = ["DualPromptConfig", "DualPrompt", "similarity", "select_prompts", "e_prefix_layout"]
+__all__ = ["DualPromptConfig", "DualPrompt", "select_prompts", "e_prefix_layout"]
 
 LAYOUTS = ("correct", "dp_pt_bug")
 INITS = {"dp_pt": (-1.0, 1.0), "jax": (0.0, 0.01)}  # U(-1, 1): DP-pt; U[0, 0.01): Flax's uniform()
@@ -51,12 +50,6 @@ class DualPromptConfig(MethodConfig):
     shared_prompt_pool: bool = True  # task t > 0 starts from a copy of E-prompt t-1 (keys are not copied)
     prefix_layout: str = "correct"  # correct | dp_pt_bug (DP-pt's reshape of the gathered E-prompts, §3.7)
     cache_queries: bool = True  # test: the frozen query of each (deterministic) test image computed once per run
-
-
-def similarity(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """(B, M) cosine of queries (B, D) and keys (M, D), in float32 whatever the autocast."""
-    with torch.autocast(query.device.type, enabled=False):
-        return F.normalize(query.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T  # (B, M)
 
 
 def select_prompts(sim: torch.Tensor, batchwise: bool) -> torch.Tensor:
@@ -148,7 +141,7 @@ class DualPrompt(PerTaskMethod):
         t = self.task.index
         terms = {}
         if self.cfg.key_weight:
-            sim = similarity(self.query(x, cache=False), self.model.dp_keys[t : t + 1])  # (B, 1)
+            sim = key_similarity(self.query(x, cache=False), self.model.dp_keys[t : t + 1])  # (B, 1)
             terms["key"] = -self.cfg.key_weight * sim.mean()
         ids = torch.full((len(x),), t, dtype=torch.long, device=x.device)  # (B,)
         logits = self.mask_logits(self.model.head(self.prompted_features(x, ids)), y)  # (B, C)
@@ -180,7 +173,7 @@ class DualPrompt(PerTaskMethod):
         keys = self.model.dp_keys
         if self.cfg.seen_keys_only:
             keys = keys[: (self.task.index if self.task is not None else 0) + 1]
-        return select_prompts(similarity(self.query(x, self.cfg.cache_queries), keys), self.cfg.batchwise_prompt)
+        return select_prompts(key_similarity(self.query(x, self.cfg.cache_queries), keys), self.cfg.batchwise_prompt)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, task_id: int | None = None) -> Prediction:

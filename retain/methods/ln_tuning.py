@@ -35,7 +35,7 @@ from retain.data.scenarios import Scenario, Task
 from retain.methods.base import Batch, ContinualModel, MethodConfig, Prediction, Stage, register_method
 from retain.methods.per_task import PerTaskMethod
 from retain.models.continual import head_prefix
-from retain.models.query import QueryService
+from retain.models.query import QueryService, frozen_cls, key_similarity
 from retain.models.task_layernorm import PRETRAINED, SelectTask, copy_task_rows, inject_task_layernorm, task_layernorms
 
 __all__ = ["LNTuningConfig", "LNTuning", "key_loss", "select_task", "closed_form_key", "similarity_weights"]
@@ -78,9 +78,7 @@ def key_loss(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 def select_task(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(B,) index of the key (rows of (K, D)) most cosine-similar to each query (B, D); float32 whatever the
     autocast (a bf16 matmul would round near-ties differently from the float32 selection of stage 2)."""
-    with _fp32(query):
-        sim = F.normalize(query.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T  # (B, K)
-    return sim.argmax(dim=1)
+    return key_similarity(query, keys).argmax(dim=1)  # (B,)
 
 
 def closed_form_key(query: torch.Tensor) -> torch.Tensor:
@@ -255,15 +253,11 @@ class LNTuning(PerTaskMethod):
         return self.query.frozen_images
 
     def _frozen_cls(self, x: torch.Tensor) -> torch.Tensor:
-        with _fp32(x):
-            if self.query_model is not None:
-                return self.query_model.forward_features(x.float())[:, 0]  # (B, D)
-            backbone, was_training = self.model.backbone, self.model.backbone.training
-            backbone.eval()
-            with self.routed(PRETRAINED):
-                q = backbone.forward_features(x.float())[:, 0]  # (B, D)
-            backbone.train(was_training)
-        return q
+        """(B, D) the query pass: the frozen copy, or the shared backbone with the pre-trained LN rows."""
+        if self.query_model is not None:
+            return frozen_cls(self.query_model)(x)
+        with self.routed(PRETRAINED):
+            return frozen_cls(self.model.backbone)(x)
 
     @torch.no_grad()
     def select(self, x: torch.Tensor, upto: int, cache: bool = True) -> torch.Tensor:

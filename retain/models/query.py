@@ -6,6 +6,7 @@ few numbers per image go to the host, no copy of the batch and no hash).
 
 - ``QueryService(frozen)``: ``service(x)`` (B, D), cached; ``service(x, cache=False)`` recomputes.
 - ``frozen_cls(vit)``: the plain ``frozen`` pass of a timm ViT (eval mode, no prompt or prefix set, float32).
+- ``key_similarity(query, keys)``: the float32 cosine of queries and keys that selects a task or a prompt.
 - ``image_keys(x, weights)``, ``key_weights(n, device)``: the content keys.
 """
 
@@ -14,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QueryService", "frozen_cls", "image_keys", "key_weights"]
+__all__ = ["QueryService", "frozen_cls", "key_similarity", "image_keys", "key_weights"]
 
 KEY_SEED = 0x1A7E_C0DE  # the projections are fixed: the same image gets the same key in every run
 KEY_BITS = 112  # two different images share a key with probability <= 2^-112 (``key_weights``)
@@ -100,3 +102,10 @@ def frozen_cls(vit: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             vit.train(was_training)
 
     return frozen
+
+
+def key_similarity(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(B, M) cosine of queries (B, D) and keys (M, D), in float32 whatever the autocast (a bf16 matmul would round
+    near-ties differently): the selection score of LN tuning and DualPrompt."""
+    with torch.autocast(query.device.type, enabled=False):
+        return F.normalize(query.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T  # (B, M)
