@@ -16,7 +16,7 @@ from retain.engine import RunContext, build_run, fit_task, train
 from retain.inspect import dry_method, inspect_config
 from retain.methods import l2p as l2p_module
 from retain.methods.base import mark_trainable
-from retain.methods.l2p import batch_vote, key_loss, l2_normalize, prompt_similarity, select_prompts
+from retain.methods.l2p import COUNTS, batch_vote, key_loss, l2_normalize, prompt_similarity, select_prompts
 from retain.models.prompting import prompt_token_mean, prompted_features
 
 from conftest import torchrun_worker
@@ -195,16 +195,19 @@ def test_two_task_run_has_finite_losses_and_leaves_the_backbone_bit_identical(ti
     before = {k: v.clone() for k, v in method.model.backbone.state_dict().items()}
     prompts = method.model.l2p_prompts.detach().clone()
     ctx = RunContext(cfg.train, CPU)
+    records = []
     for task in scenario.tasks:
         fit_task(method, task, ctx)
+        records.append(method.task_record(task))
     rows = [r for r in ctx.history if "ce" in r]
     assert len(rows) == 4 and all(math.isfinite(r["ce"]) and math.isfinite(r["key"]) for r in rows)
     for k, v in method.model.backbone.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not torch.equal(method.model.l2p_prompts, prompts)
-    assert [sum(h) for h in method.selection_history] == [5 * 3 * 2] * 2  # N ids x 3 batches x 2 epochs per task
-    assert set(method.checkpoint_state()) == {"l2p_prompts", "l2p_keys", *(f"head.heads.{t}.{p}" for t in (0, 1)
-                                                                             for p in ("weight", "bias"))}  # fmt: skip
+    # N ids x 3 batches x 2 epochs per task, counted afresh for each task
+    assert [sum(r["prompt_selection_train"]) for r in records] == [5 * 3 * 2] * 2
+    heads = {f"head.heads.{t}.{p}" for t in (0, 1) for p in ("weight", "bias")}
+    assert set(method.checkpoint_state()) == {"l2p_prompts", "l2p_keys", COUNTS, *heads}
 
 
 def test_exported_artefact_holds_the_pool_and_heads_and_predicts_as_the_run(tiny, tmp_path):
@@ -213,6 +216,10 @@ def test_exported_artefact_holds_the_pool_and_heads_and_predicts_as_the_run(tiny
     retain.export_run(tmp_path / "runs" / "l2p", tmp_path / "l2p.safetensors")
     names = set(load_file(str(tmp_path / "l2p.safetensors")))
     assert names == {"l2p_prompts", "l2p_keys", *(f"head.heads.{t}.{p}" for t in (0, 1) for p in ("weight", "bias"))}
+    record = json.loads((tmp_path / "runs" / "l2p" / "metrics.json").read_text())
+    counts = [r["prompt_selection_train"] for r in record["method_records"]]  # per task, one count per pool prompt
+    assert len(counts) == 2 and all(len(c) == trained.cfg.pool_size and sum(c) > 0 for c in counts)
+    assert record["task_id_counts"] is None  # L2P chooses prompts, not tasks
     predictor = retain.load(tmp_path / "l2p.safetensors")
     x = torch.stack([trained.scenario.tasks[1].test[i][0] for i in range(4)])
     trained.model.eval()

@@ -303,6 +303,14 @@ def test_run_reports_task_id_accuracy_and_resumes_identically(tiny, monkeypatch)
     assert len(full["task_id_accuracy"]) == 2 and full["bytes_per_task"][0] == 4 * (3 * 2 * 32 + 32 + 2 * 32 + 2)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     assert resumed["task_id_accuracy"] == full["task_id_accuracy"]
+    # the counts behind the task-id accuracy: after task t, row i = the test images of task i by the task chosen
+    counts = full["task_id_counts"]
+    assert [len(c) for c in counts] == [1, 2] and all(len(row) == 2 for c in counts for row in c)
+    for c, acc in zip(counts, full["task_id_accuracy"], strict=True):
+        hits, total = sum(c[i][i] for i in range(len(c))), sum(map(sum, c))
+        assert 100.0 * hits / total == pytest.approx(acc)
+    assert counts[0][0][1] == 0  # before task 1 only task 0's key exists
+    assert resumed["task_id_counts"] == counts and full["method_records"] is None
 
 
 def test_key_stage_loss_is_the_negative_mean_cosine(tiny):

@@ -32,11 +32,13 @@ def primary_view(protocol: str) -> str:
 
 @dataclass
 class Evaluation:
-    """Accuracy (%) on tasks 0..upto by view name, task-id accuracy, retention k-NN accuracy, and seconds taken."""
+    """Accuracy (%) on tasks 0..upto by view name, task-id accuracy and its counts (row: the images of task i,
+    column: the task id the method chose for them), retention k-NN accuracy, and seconds taken."""
 
     protocol: str
     accuracy: dict[str, list[float]] = field(default_factory=dict)
     task_id: float | None = None
+    task_id_counts: list[list[int]] | None = None  # (upto + 1, n_tasks)
     retention: float | None = None
     seconds: float = 0.0
 
@@ -48,9 +50,17 @@ class Evaluation:
 class _Counts:
     """Correct / total per view for one task, and task-id hits over the whole evaluation."""
 
-    def __init__(self) -> None:
+    def __init__(self, n_tasks: int = 0) -> None:
         self.correct: dict[str, int] = {}
         self.total: dict[str, int] = {}
+        self.chosen = torch.zeros(n_tasks, n_tasks, dtype=torch.int64)  # (T, T) true task x chosen task id
+
+    def add_task_ids(self, chosen: torch.Tensor, true: torch.Tensor) -> None:
+        """Count the task ids ``chosen`` (B,) for images of tasks ``true`` (B,), and the hits."""
+        self.add("task_id", chosen, true)
+        T = len(self.chosen)
+        pairs = true.long() * T + chosen.long().clamp(0, T - 1)  # (B,)
+        self.chosen += torch.bincount(pairs, minlength=T * T).view(T, T).cpu()  # (T, T)
 
     def add(self, view: str, pred: torch.Tensor, y: torch.Tensor) -> None:
         self.correct[view] = self.correct.get(view, 0) + (pred == y).sum().item()
@@ -88,7 +98,7 @@ def _evaluate_task(method: Method, task: Task, n_seen: int, protocol: str, ctx: 
         if not separate_tag:
             counts.add("tag" if task_il else "class_il", logits[:, :n_seen].argmax(1), y)
             if task_pred is not None:
-                tid.add("task_id", task_pred, task_of[y])
+                tid.add_task_ids(task_pred, task_of[y])
     if separate_tag:  # the task-agnostic view needs the prediction made without the task id
         for x, y in ctx.eval_loader(task.test):
             x, y = x.to(ctx.device), y.to(ctx.device)
@@ -97,7 +107,7 @@ def _evaluate_task(method: Method, task: Task, n_seen: int, protocol: str, ctx: 
             logits, task_pred = pred.logits.float(), pred.task_ids
             counts.add("tag", logits[:, :n_seen].argmax(1), y)
             if task_pred is not None:
-                tid.add("task_id", task_pred, task_of[y])
+                tid.add_task_ids(task_pred, task_of[y])
     return counts
 
 
@@ -124,14 +134,16 @@ def _evaluate(method: Method, scenario: Scenario, upto: int, ctx: RunContext) ->
     n_seen = scenario.seen_classes(upto)
     task_of = scenario.task_of_label().to(ctx.device)
     result = Evaluation(scenario.protocol, {v: [] for v in VIEWS[scenario.protocol]})
-    tid = _Counts()
+    tid = _Counts(len(scenario.tasks))
     for task in scenario.tasks[: upto + 1]:
         counts = _evaluate_task(method, task, n_seen, scenario.protocol, ctx, task_of, tid)
         counts.reduce(VIEWS[scenario.protocol])  # every process evaluated its shard
         for view, accs in result.accuracy.items():
             accs.append(counts.percent(view))
     tid.reduce(("task_id",))
-    result.task_id = tid.percent("task_id") if tid.total else None
+    if tid.total:
+        result.task_id = tid.percent("task_id")
+        result.task_id_counts = distributed.all_reduce_sum(tid.chosen)[: upto + 1].tolist()  # (upto + 1, T)
     return result
 
 

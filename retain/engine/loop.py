@@ -154,7 +154,7 @@ def _run_task(cfg: RunConfig, method: Method, scenario: Scenario, task: Task, ct
     seed_everything(cfg.seed + task.index)
     seconds, n_trained = fit_task(method, task, ctx, saver, mid)
     ev = evaluate(method, scenario, task.index, ctx, retention, r.k, r.temperature)
-    state.record_task(ev, seconds, n_trained, method.bytes_per_task(task))
+    state.record_task(ev, seconds, n_trained, method.bytes_per_task(task), method.task_record(task))
     state.step = ctx.step
     if cfg.checkpoint:
         state.checkpoint = out.save_checkpoint(method.checkpoint_state(), task.index, method.name)

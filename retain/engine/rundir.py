@@ -72,6 +72,8 @@ class RunState:
     finished_tasks: int = 0
     matrices: dict[str, list[list[float]]] = field(default_factory=dict)  # view -> rows
     task_ids: list[float | None] = field(default_factory=list)
+    task_id_counts: list[list[list[int]] | None] = field(default_factory=list)  # per task: (t + 1, T) counts
+    method_records: list[dict[str, Any] | None] = field(default_factory=list)  # per task: ``Method.task_record``
     retention: list[float] = field(default_factory=list)  # before training, then after each task
     task_time_s: list[float] = field(default_factory=list)
     eval_time_s: list[float] = field(default_factory=list)
@@ -85,11 +87,14 @@ class RunState:
     def rows(self) -> list[list[float]]:
         return self.matrices.get(primary_view(self.protocol), [])
 
-    def record_task(self, ev: Evaluation, seconds: float, n_trained: int, n_bytes: int) -> None:
+    def record_task(self, ev: Evaluation, seconds: float, n_trained: int, n_bytes: int,
+                    method_record: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.finished_tasks += 1
         for view, accs in ev.accuracy.items():
             self.matrices.setdefault(view, []).append(accs)
         self.task_ids.append(ev.task_id)
+        self.task_id_counts.append(ev.task_id_counts)
+        self.method_records.append(method_record)
         if ev.retention is not None:
             self.retention.append(ev.retention)
         self.task_time_s.append(seconds)
@@ -103,7 +108,10 @@ class RunState:
         if "rows" in data:  # written before named views existed: the rows are the primary view
             data.setdefault("matrices", {primary_view(protocol): data.pop("rows")})
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known} | {"protocol": protocol})
+        state = cls(**{k: v for k, v in data.items() if k in known} | {"protocol": protocol})
+        for per_task in (state.task_id_counts, state.method_records):  # a state written before these lists existed
+            per_task[:0] = [None] * (state.finished_tasks - len(per_task))
+        return state
 
 
 class RunDir:
@@ -331,6 +339,8 @@ def metrics_record(cfg: RunConfig, class_order: list[int], n_tasks: int, state: 
         "accuracy_matrix": _square(rows, n_tasks),
         "matrices": {view: _square(m, n_tasks) for view, m in state.matrices.items()},
         "task_id_accuracy": state.task_ids if any(v is not None for v in state.task_ids) else None,
+        "task_id_counts": state.task_id_counts if any(v is not None for v in state.task_id_counts) else None,
+        "method_records": state.method_records if any(v is not None for v in state.method_records) else None,
         "task_time_s": state.task_time_s, "eval_time_s": state.eval_time_s,
         "trainable_params": state.trainable_params, "bytes_per_task": state.bytes_per_task,
         "storage_rule": metrics.storage_rule(state.protocol), "total_time_s": sum(state.task_time_s),

@@ -198,6 +198,11 @@ class Method:
     def after_task(self, task: Task) -> None:
         """Called after the task's stages; snapshot what later tasks need."""
 
+    def task_record(self, task: Task) -> dict[str, Any] | None:
+        """What ``metrics.json`` keeps of this finished task beyond accuracy (its ``method_records``; JSON values,
+        the same on every process), e.g. L2P's prompt-selection counts; None: nothing."""
+        return None
+
     def resume(self, last_task: Task) -> None:
         """Called after a checkpoint of ``last_task`` was loaded; rebuild any state not held in tensors."""
         self.task = last_task

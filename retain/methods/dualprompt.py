@@ -10,6 +10,11 @@ batch); the key loss pulls key t towards the queries of task t's images.
 Prompts live in per-head key/value space: a block's prefix is (p_k, p_v), each (B, H, L, d_h), put in front of the
 block's keys and values (``retain.models.prompting``). ``prefix_layout="dp_pt_bug"`` reproduces DP-pt's reshape of
 the gathered E-prompts, which mixes the key/value and batch axes (PROMPTS.md §3.7), for comparison with its numbers.
+
+CODA's re-implementation ("DualPrompt" in GT-RIPL/CODA-Prompt ``models/zoo.py``, PROMPTS.md §4.6) is these options:
+``per_layer_keys`` (a key set per E block, each selecting its block's E-prompt on its own at test), ``key_reduction:
+sum`` (Σ_layers Σ_b (1 - cos(q_b, k_t)) instead of -mean_b cos), ``prompt_init: coda`` (U[0, 1)), no
+``shared_prompt_pool`` copy, G 3 + 3 and E 10 + 10 prefix rows (``g_length: 3``, ``e_length: 10``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from retain.config import ConfigError
@@ -30,7 +36,8 @@ from retain.models.query import QueryService, frozen_cls, key_similarity
 __all__ = ["DualPromptConfig", "DualPrompt", "select_prompts", "e_prefix_layout"]
 
 LAYOUTS = ("correct", "dp_pt_bug")
-INITS = {"dp_pt": (-1.0, 1.0), "jax": (0.0, 0.01)}  # U(-1, 1): DP-pt; U[0, 0.01): Flax's uniform()
+INITS = {"dp_pt": (-1.0, 1.0), "jax": (0.0, 0.01), "coda": (0.0, 1.0)}  # DP-pt; Flax's uniform(); CODA's uniform_
+KEY_REDUCTIONS = ("mean", "sum")
 
 
 @dataclass
@@ -46,10 +53,12 @@ class DualPromptConfig(MethodConfig):
     key_weight: float = 1.0  # lambda of the key loss -lambda * mean_b cos(q_b, k_t) (pull_constraint_coeff)
     batchwise_prompt: bool = True  # test: one majority-vote slot per batch (CIFAR True, ImageNet-R False)
     seen_keys_only: bool = False  # test: select among the seen tasks' keys; False: the whole pool, as DP-pt / JAX
-    prompt_init: str = "dp_pt"  # prompts and keys: dp_pt = U(-1, 1) | jax = U[0, 0.01)
+    prompt_init: str = "dp_pt"  # prompts and keys: dp_pt = U(-1, 1) | jax = U[0, 0.01) | coda = U[0, 1)
     shared_prompt_pool: bool = True  # task t > 0 starts from a copy of E-prompt t-1 (keys are not copied)
     prefix_layout: str = "correct"  # correct | dp_pt_bug (DP-pt's reshape of the gathered E-prompts, §3.7)
     cache_queries: bool = True  # test: the frozen query of each (deterministic) test image computed once per run
+    per_layer_keys: bool = False  # a key set per E block, each selecting on its own at test (CODA's re-implementation)
+    key_reduction: str = "mean"  # mean: -λ mean_b Σ_layers cos(q_b, k_t) | sum: λ Σ_layers Σ_b (1 - cos) (CODA)
 
 
 def select_prompts(sim: torch.Tensor, batchwise: bool) -> torch.Tensor:
@@ -100,7 +109,7 @@ class DualPrompt(PerTaskMethod):
         shapes = {  # DP-pt shapes, the E pool with the slot first (a row table)
             "dp_g_prompts": (len(self.g_blocks), 2, cfg.g_length, heads, dim // heads),  # (G, 2, L_g, H, d)
             "dp_e_prompts": (M, len(self.e_blocks), 2, cfg.e_length, heads, dim // heads),  # (M, E, 2, L_e, H, d)
-            "dp_keys": (M, dim),  # (M, D), one key set shared by the E blocks
+            "dp_keys": (M, len(self.e_blocks), dim) if cfg.per_layer_keys else (M, dim),  # (M, [E,] D)
         }
         for name, shape in shapes.items():
             model.register_parameter(name, nn.Parameter(torch.empty(shape, device=device).uniform_(*lo_hi)))
@@ -141,45 +150,65 @@ class DualPrompt(PerTaskMethod):
         t = self.task.index
         terms = {}
         if self.cfg.key_weight:
-            sim = key_similarity(self.query(x, cache=False), self.model.dp_keys[t : t + 1])  # (B, 1)
-            terms["key"] = -self.cfg.key_weight * sim.mean()
+            keys = self.model.dp_keys[t] if self.cfg.per_layer_keys else self.model.dp_keys[t : t + 1]  # (E or 1, D)
+            sim = key_similarity(self.query(x, cache=False), keys)  # (B, E or 1)
+            if self.cfg.key_reduction == "sum":
+                terms["key"] = self.cfg.key_weight * (1.0 - sim).sum()
+            elif self.cfg.per_layer_keys:
+                terms["key"] = -self.cfg.key_weight * sim.sum(1).mean()
+            else:
+                terms["key"] = -self.cfg.key_weight * sim.mean()
         ids = torch.full((len(x),), t, dtype=torch.long, device=x.device)  # (B,)
         logits = self.mask_logits(self.model.head(self.prompted_features(x, ids)), y)  # (B, C)
         return {"ce": self.ce(logits, y), **terms}
 
     # ---- prompts --------------------------------------------------------------------------------------------------
     def prefix_map(self, ids: torch.Tensor) -> dict[int, Prefix]:
-        """{block: (p_k, p_v)} for samples routed to E-prompt slots ``ids`` (B,); a block that is both G and E
-        (a backbone shallower than the layout) gets [G; E]."""
+        """{block: (p_k, p_v)} for samples routed to E-prompt slots ``ids`` (B,), or per E block (E, B) with
+        ``per_layer_keys``; a block that is both G and E (a backbone shallower than the layout) gets [G; E]."""
         g = self.model.dp_g_prompts  # (G, 2, L_g, H, d)
-        e = e_prefix_layout(self.model.dp_e_prompts[ids], self.cfg.prefix_layout)  # (E, B, 2, L_e, H, d)
+        if ids.ndim == 1:
+            gathered = self.model.dp_e_prompts[ids]  # (B, E, 2, L_e, H, d)
+        else:  # block j of sample b from slot ids[j, b]
+            gathered = self.model.dp_e_prompts[ids.T, torch.arange(ids.shape[0], device=ids.device)]
+        e = e_prefix_layout(gathered, self.cfg.prefix_layout)  # (E, B, 2, L_e, H, d)
+        B = gathered.shape[0]
         parts: dict[int, list[Prefix]] = {}
         for i, block in enumerate(self.g_blocks):
-            parts.setdefault(block, []).append(_as_prefix(g[i].unsqueeze(0).expand(len(ids), *g.shape[1:])))
+            parts.setdefault(block, []).append(_as_prefix(g[i].unsqueeze(0).expand(B, *g.shape[1:])))
         for j, block in enumerate(self.e_blocks):
             parts.setdefault(block, []).append(_as_prefix(e[j]))
         return {b: (torch.cat([k for k, _ in ps], dim=2), torch.cat([v for _, v in ps], dim=2))
                 for b, ps in parts.items()}  # fmt: skip
 
     def prompted_features(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(B, D) CLS features with the G-prompt and each sample's E-prompt ``ids`` (B,)."""
+        """(B, D) CLS features with the G-prompt and each sample's E-prompt ``ids`` (B,) or per E block (E, B)."""
         with prefixes(self.model.backbone, self.prefix_map(ids)):
             return self.model.features(x)
 
     @torch.no_grad()
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """(B,) test-time E-prompt slots: top-1 cosine of the frozen query to the keys (the pool, or the seen
-        tasks' keys), with the batchwise vote if configured."""
+        tasks' keys), with the batchwise vote if configured; with ``per_layer_keys`` (E, B), each E block by its
+        own keys."""
         keys = self.model.dp_keys
         if self.cfg.seen_keys_only:
             keys = keys[: (self.task.index if self.task is not None else 0) + 1]
-        return select_prompts(key_similarity(self.query(x, self.cfg.cache_queries), keys), self.cfg.batchwise_prompt)
+        query = self.query(x, self.cfg.cache_queries)
+        if self.cfg.per_layer_keys:
+            return torch.stack([select_prompts(key_similarity(query, keys[:, j]), self.cfg.batchwise_prompt)
+                                for j in range(keys.shape[1])])  # fmt: skip
+        return select_prompts(key_similarity(query, keys), self.cfg.batchwise_prompt)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, task_id: int | None = None) -> Prediction:
-        """Logits with the selected E-prompts (``task_id`` given: that task's) and the selected slots (B,)."""
+        """Logits with the selected E-prompts (``task_id`` given: that task's) and the selected slots (B,); with
+        per-block selections, each sample's most frequent slot over the E blocks (ties: the lowest)."""
         ids = self.select(x) if task_id is None else torch.full((len(x),), task_id, device=x.device)
-        return Prediction(self.model.head(self.prompted_features(x, ids)), ids)
+        logits = self.model.head(self.prompted_features(x, ids))
+        if ids.ndim == 2:
+            ids = F.one_hot(ids, self.model.dp_keys.shape[0]).sum(0).argmax(1)  # (B,)
+        return Prediction(logits, ids)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +230,8 @@ def _fit_blocks(g_blocks: list[int], e_blocks: list[int], depth: int) -> tuple[l
 
 
 def _check(cfg: DualPromptConfig, n_tasks: int) -> None:
-    for key, value, valid in (("prefix_layout", cfg.prefix_layout, LAYOUTS), ("prompt_init", cfg.prompt_init, INITS)):
+    for key, value, valid in (("prefix_layout", cfg.prefix_layout, LAYOUTS), ("prompt_init", cfg.prompt_init, INITS),
+                              ("key_reduction", cfg.key_reduction, KEY_REDUCTIONS)):  # fmt: skip
         if value not in valid:
             raise ConfigError(f"method.{key}={value!r}; valid: {', '.join(valid)}")
     if cfg.top_k != 1:
