@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Hashable
@@ -26,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from retain.machine import machine_info
 
 __all__ = ["Ratio", "time_interleaved", "median_ratio", "measure", "loss_step", "head_step", "peak_rss",
            "machine_info", "parse_sized"]  # fmt: skip
@@ -131,25 +131,6 @@ def peak_rss(fn: Callable[[], object]) -> int | None:
     Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current resident size
     fn()
     return 1024 * max(0, _status_kib("VmHWM") - before)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict:
-    """What the numbers depend on: CPU model and cores, vector kernels, torch, threads, and a GPU if any."""
-    return {
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-        "platform": platform.platform(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }  # fmt: skip
 
 
 def parse_sized(parser: argparse.ArgumentParser, argv: list[str] | None, small: dict) -> argparse.Namespace:

@@ -30,8 +30,8 @@ from retain.models import data_config
 from retain.models.backbones import file_sha256, weights_file
 from retain.models.continual import head_prefix
 
-__all__ = ["FORMAT", "ARTEFACT_FILE", "ImagePrediction", "Predictor", "export_run", "write_artefact", "load",
-           "image_files"]  # fmt: skip
+__all__ = ["FORMAT", "ARTEFACT_FILE", "ImagePrediction", "Predictor", "export_run", "restore_run", "write_artefact",
+           "self_contained", "load", "image_files"]  # fmt: skip
 
 FORMAT = "retain-artefact-v1"
 ARTEFACT_FILE = "artefact.safetensors"  # what ``run.export_each_task`` writes in the run directory
@@ -82,6 +82,15 @@ def export_run(run_dir: str | Path, out: str | Path, weights: str | Path | None 
     ``weights`` replaces the run's ``model.weights`` (the backbone file on this machine). What is kept:
     ``write_artefact``.
     """
+    method, cfg, info, n, recorded = restore_run(run_dir, weights)
+    return write_artefact(method, cfg, info, n, recorded, out)
+
+
+def restore_run(run_dir: str | Path, weights: str | Path | None = None) -> tuple[Method, RunConfig, dict[str, Any],
+                                                                                  int, dict[str, str]]:  # fmt: skip
+    """The method of the run in ``run_dir`` as it predicted after its last finished task (on the CPU), its config,
+    ``scenario.json``, the number of finished tasks and ``init_sha256.json`` (what ``export_run`` and
+    ``retain.export_timm`` write from). ``weights`` replaces the run's ``model.weights``."""
     cfg, info, rundir = _read_run(Path(run_dir))
     state = rundir.load_state(info["protocol"])
     if state.finished_tasks == 0 or state.checkpoint is None:
@@ -96,7 +105,13 @@ def export_run(run_dir: str | Path, out: str | Path, weights: str | Path | None 
     fill = method.model.state_dict() | method.checkpoint_state()  # what the checkpoint left out, as rebuilt
     method.load_checkpoint_state(rundir.load_checkpoint(state.checkpoint, fill=fill))
     _ready(method, scenario, n)
-    return write_artefact(method, cfg, info, n, recorded, out)
+    return method, cfg, info, n, recorded
+
+
+def self_contained(meta: dict[str, str]) -> bool:
+    """Whether the artefact with metadata ``meta`` holds the whole model (no backbone tensor outside it: its
+    ``backbone_sha256`` is the digest of nothing)."""
+    return meta.get("backbone_sha256") == combined_sha256({})
 
 
 def write_artefact(method: Method, cfg: RunConfig, info: dict[str, Any], n: int, initial: dict[str, str],

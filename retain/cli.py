@@ -1,12 +1,15 @@
 """Command line: parse into a RunConfig and call the library. Nothing here trains or evaluates by itself.
 
+Building the parser, ``--help``, ``list``, ``compare`` and ``report`` import no torch (``tests/test_cli_fast.py``):
+each command imports what it needs inside its function, and ``list`` reads its names from ``retain.catalog``.
+
 retain run PRESET_OR_YAML [key=value ...] [--resume] [--print-config]
 retain list
 retain inspect PRESET_OR_YAML [key=value ...] [--json]
 retain pretrain PRESET_OR_YAML [key=value ...] [--export-dir DIR] [--fp32]
 retain report RUN_OR_SWEEP_DIR [...] [--out DIR]
 retain compare RUN_OR_SWEEP_DIR [...]
-retain sweep PRESET_OR_YAML key=a,b,c [key=value ...] [--dry-run]
+retain sweep PRESET_OR_YAML key=a,b,c [key=value ...] [--out DIR] [--dry-run]
 retain export RUN_DIR -o FILE [--weights FILE]
 retain predict ARTEFACT IMAGE_OR_FOLDER [...] [--json] [--task T] [--weights FILE] [--device DEV]
 retain demo [--methods ...] [--epochs N] [--dataset NAME] ...
@@ -56,11 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories (runs/<name>), sweep folders or folders of runs")
     p = sub.add_parser("sweep", help="run the cross product of key=a,b,c overrides into runs/<sweep name>/")
     _add_config_args(p)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="the sweep folder: its runs and sweep.json go into DIR (default: <out_dir>/<sweep name>, "
+                   "e.g. runs/<preset>-sweep); the same command with the same --out skips finished runs")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="validate every run's config and list the runs; run nothing")
     p = sub.add_parser("export", help="write a finished run's model as one artefact (safetensors)")
     p.add_argument("run_dir", help="the run directory (runs/<name>)")
     p.add_argument("-o", "--out", required=True, help="artefact file to write (.safetensors)")
     p.add_argument("--weights", default=None, help="the backbone's weights file here, if not where the run had it")
+    p.add_argument("--format", choices=("retain", "timm"), default="retain",
+                   help="retain: the artefact (retain predict); timm: a timm state dict (plain models)")  # fmt: skip
+    p.add_argument("--task", type=int, default=None, help="--format timm, task-incremental runs: the task to export")
     p = sub.add_parser("predict", help="class name of each image by an exported artefact")
     p.add_argument("artefact", help="file written by `retain export`")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
@@ -98,20 +107,18 @@ def _print_summary(record: dict) -> None:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from retain.catalog import DATASET_NAMES, METHOD_NAMES, PRETRAINED_TAGS, backbone_names  # no torch (tested)
     from retain.config import preset_names
-    from retain.data import DATASETS
-    from retain.methods import method_names
-    from retain.models import PRETRAINED_TAGS, backbone_names
 
-    print("methods:   " + ", ".join(method_names()))
-    print("datasets:  " + ", ".join(DATASETS.names()))
+    print("methods:   " + ", ".join(sorted(METHOD_NAMES)))
+    print("datasets:  " + ", ".join(sorted(DATASET_NAMES)))
     print("presets:")
     for name in preset_names():
         print(f"  {name}")
     print("backbones (any timm name also works):")
     for name in backbone_names():
         info = PRETRAINED_TAGS.get(name)
-        print(f"  {name}" + (f"  [{info.source}; {info.used_by}]" if info else ""))
+        print(f"  {name}" + (f"  [{info[0]}; {info[1]}]" if info else ""))
     return 0
 
 
@@ -176,18 +183,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from retain.engine import RunError
-    from retain.report import compare
     from retain.sweep import describe, plan_sweep, run_sweep
 
-    sweep = plan_sweep(args.preset, args.overrides)  # every run's config is validated before anything runs
+    sweep = plan_sweep(args.preset, args.overrides, args.out)  # every run's config is validated before anything runs
     if args.dry_run:
         print(describe(sweep))
         return 0
+    from retain.engine import RunError
+    from retain.report import compare
+
     try:
         failed = run_sweep(sweep)
     except KeyboardInterrupt as e:
-        again = shlex.join(["retain", "sweep", args.preset, *args.overrides])
+        out = ["--out", args.out] if args.out is not None else []
+        again = shlex.join(["retain", "sweep", args.preset, *args.overrides, *out])
         done = str(e) or "stopped at once"
         print(f"retain: interrupted: {done}; finished runs are kept in {sweep.path}; continue with: {again}",
               file=sys.stderr)  # fmt: skip
@@ -204,11 +213,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from retain.artefact import export_run
+    from retain.artefact import export_run, self_contained
 
+    if args.format == "timm":
+        from retain.export_timm import export_timm
+
+        meta = export_timm(args.run_dir, args.out, args.task, args.weights)
+        print(f"{args.out}: {meta['method']} as timm {meta['timm_model']} {meta['timm_kwargs']}, "
+              f"{os.path.getsize(args.out):,} bytes")  # fmt: skip
+        return 0
+    if args.task is not None:
+        raise ValueError("--task applies to --format timm")
     meta = export_run(args.run_dir, args.out, args.weights)
     size = os.path.getsize(args.out)
-    print(f"{args.out}: {meta['method']} on {meta['backbone']} (sha256 {meta['backbone_sha256'][:12]}), "
+    backbone = "self-contained" if self_contained(meta) else f"sha256 {meta['backbone_sha256'][:12]}"
+    print(f"{args.out}: {meta['method']} on {meta['backbone']} ({backbone}), "
           f"{meta['tasks_trained']} task(s), {size:,} bytes")  # fmt: skip
     return 0
 
@@ -271,17 +290,25 @@ def _one_line_warnings() -> Iterator[None]:
         warnings.formatwarning = default
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors ``main`` prints as one line. ``RunError`` comes from the engine (torch): it is caught only where
+    the engine was imported, which it was wherever one was raised; a command that never needed the engine does not
+    import it for this."""
+    from retain.config import ConfigError
+
+    errors: tuple[type[BaseException], ...] = (ConfigError, OSError, KeyError, ValueError)
+    context = sys.modules.get("retain.engine.context")
+    return errors + ((context.RunError,) if context is not None else ())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``retain`` command; user errors print one line and return exit code 2."""
-    from retain.config import ConfigError
-    from retain.engine import RunError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         with _one_line_warnings():
             return COMMANDS[args.command](args)
-    except (ConfigError, RunError, OSError, KeyError, ValueError) as e:
+    except _user_errors() as e:
         print(f"retain: error: {_process()}{_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

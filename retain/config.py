@@ -1,6 +1,8 @@
 """Typed run configuration: dataclass defaults -> preset YAML -> ``key=value`` overrides, merged and saved.
 
 Presets are YAML files under ``retain/configs/<group>/<name>.yaml`` and hold only deviations from the defaults.
+A YAML file's ``defaults: BASE`` is merged under it: a ``.yaml`` path relative to that file, else a shipped preset
+name, else a path relative to the working directory (:func:`resolve_defaults`).
 Unknown keys are rejected with the list of valid ones, at load time.
 
 A *choice section* (today only ``method``) is a field whose dataclass is chosen by its ``name`` key among those
@@ -46,6 +48,7 @@ __all__ = [
     "PRESET_DIR",
     "preset_names",
     "resolve_preset",
+    "resolve_defaults",
     "load_config",
     "apply_overrides",
     "config_to_dict",
@@ -521,24 +524,64 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str], cls: type = RunC
 
 
 def load_config(preset: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults -> preset YAML (``defaults:`` may name a base preset) -> overrides, validated."""
-    tree: dict[str, Any] = _load_tree(preset) if preset else {}
+    """Defaults -> preset YAML (``defaults:`` may name a base preset, see :func:`resolve_defaults`) -> overrides,
+    validated."""
+    tree: dict[str, Any] = _load_tree(resolve_preset(preset)) if preset else {}
     apply_overrides(tree, overrides or [])
     return from_dict(RunConfig, tree)
 
 
-def _load_tree(preset: str, depth: int = 0) -> dict[str, Any]:
-    path = resolve_preset(preset)
+def resolve_defaults(name: str, including: str | Path) -> Path:
+    """The file a YAML file's ``defaults: NAME`` names, ``including`` being that YAML file.
+
+    In this order: a ``.yaml``/``.yml`` path relative to the including file's folder (or absolute); a shipped
+    preset name (``pad/cifar100_lwf``); a ``.yaml``/``.yml`` path relative to the working directory (what earlier
+    versions read; kept so that such files still load). A preset name has no suffix and a path has one, so the
+    first two never compete: a file's base next to it wins over one of the same name in the working directory.
+    ConfigError naming the including file, the name and where it was looked for, otherwise.
+    """
+    including = Path(including)
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{including}: defaults: expected a preset name or a path to a .yaml file, got {name!r}")
+    path = Path(name).expanduser()
+    is_yaml = path.suffix in (".yaml", ".yml")
+    if is_yaml and (including.parent / path).is_file():
+        return including.parent / path
+    if not is_yaml and (PRESET_DIR / f"{name}.yaml").is_file():
+        return PRESET_DIR / f"{name}.yaml"
+    if is_yaml and path.is_file():
+        return path
+    if is_yaml:
+        where = [str(including.parent / path)] + ([] if path.is_absolute() else [str(Path.cwd() / path)])
+        looked = "no file " + " nor ".join(where)
+    else:
+        looked = "no shipped preset of that name (see `retain list`); a path to a file ends in .yaml"
+    raise ConfigError(f"{including}: defaults: {name!r} not found: {looked}")
+
+
+_MAX_DEFAULTS = 32  # a chain this long is a mistake even without a cycle
+
+
+def _load_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML file ``path`` merged over its ``defaults:`` chain; ``chain``: the files that included it."""
+    chain = (*chain, path)
     with open(path) as f:
         tree = load_yaml(f) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
-    base = tree.pop("defaults", None)
-    if base and depth < 8:
-        merged = _load_tree(base, depth + 1)
-        _deep_update(merged, tree)
-        return merged
-    return tree
+    name = tree.pop("defaults", None)
+    if name is None or name == "":
+        return tree
+    base = resolve_defaults(name, path)
+    if base.resolve() in {p.resolve() for p in chain}:
+        loop = " -> ".join(str(p) for p in (*chain, base))
+        raise ConfigError(f"{path}: defaults: {name!r} makes a cycle of includes: {loop}")
+    if len(chain) >= _MAX_DEFAULTS:
+        raise ConfigError(f"{path}: defaults: {name!r} is the {len(chain) + 1}th file of one chain of includes; "
+                          f"at most {_MAX_DEFAULTS}")  # fmt: skip
+    merged = _load_tree(base, chain)
+    _deep_update(merged, tree)
+    return merged
 
 
 def _deep_update(

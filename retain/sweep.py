@@ -2,11 +2,12 @@
 
 ``retain sweep PRESET method.name=lwf,ewc seed=0,1,2 train.epochs=3`` runs 6 configs into
 ``<out_dir>/<sweep name>/<run name>/`` (the sweep name: ``name=``, by default the preset's name + ``-sweep``;
-run names such as ``lwf_seed=0``) and keeps an index, ``sweep.json`` (the command's preset, its fixed and swept
-overrides, and each run's overrides, name and status). Every combination's config is validated before anything
-runs. Running the same command again skips the finished runs and resumes an interrupted one (``retain run
---resume``); a command that adds values to the swept keys extends the sweep; any other change is refused. Ctrl-C
-stops the running run as ``retain run`` does (a checkpoint is saved) and leaves every finished run intact.
+run names such as ``lwf_seed=0``; with ``--out DIR`` the sweep folder is ``DIR`` itself) and keeps an index,
+``sweep.json`` (the command's preset, its fixed and swept overrides, and each run's overrides, name and status).
+Every combination's config is validated before anything runs. Running the same command again (the same ``--out``
+too) skips the finished runs and resumes an interrupted one (``retain run --resume``); a command that adds values
+to the swept keys extends the sweep; any other change is refused. Ctrl-C stops the running run as ``retain run``
+does (a checkpoint is saved) and leaves every finished run intact.
 
 Values split on top-level commas only: ``scenario.class_order=[0,1,2],[2,1,0]`` is two values, and
 ``data.options={n_classes: 4, image_size: 16}`` one.
@@ -146,9 +147,10 @@ def _sweep_name(cfg: RunConfig, preset: str | None, items: list[tuple[str, list[
     return (path.stem if path.suffix in (".yaml", ".yml") else preset.replace("/", "-")) + "-sweep"
 
 
-def plan_sweep(preset: str | None, overrides: list[str]) -> Sweep:
+def plan_sweep(preset: str | None, overrides: list[str], out: str | Path | None = None) -> Sweep:
     """Every combination's validated config, its run name and the sweep folder, merged with an existing index.
 
+    The sweep folder is ``out`` if given, else ``<out_dir>/<sweep name>``; every run goes into a folder under it.
     Nothing is written or run. Raises ConfigError on a malformed or invalid override (naming the combination and
     the key), or when the sweep folder was made by another command (other preset, fixed overrides or swept keys).
     """
@@ -156,7 +158,7 @@ def plan_sweep(preset: str | None, overrides: list[str]) -> Sweep:
     grid = {k: v for k, v in items if len(v) > 1}
     combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     configs = [_config(preset, items, combo) for combo in combos]
-    path = Path(configs[0].out_dir) / _sweep_name(configs[0], preset, items)
+    path = Path(out) if out is not None else Path(configs[0].out_dir) / _sweep_name(configs[0], preset, items)
     names = _unique_names(combos)
     runs = [SweepRun(n, [f"{k}={v}" for k, v in c.items()]) for n, c in zip(names, combos, strict=True)]
     fixed = [f"{k}={v[0]}" for k, v in items if len(v) == 1]

@@ -83,7 +83,8 @@ def test_bad_override_syntax():
 
 def test_default_method_is_finetune():
     assert RunConfig().method == RunConfig(method=None).method
-    assert config_to_dict(RunConfig())["method"] == {"name": "finetune", "train_mask": "seen"}
+    default = {"name": "finetune", "train_mask": "seen", "trainable_blocks": None}
+    assert config_to_dict(RunConfig())["method"] == default
     assert list(config_to_dict(RunConfig()))[-1] == "method"  # saved config.yaml keeps its layout
 
 
@@ -186,3 +187,65 @@ def test_preset_file_floats(tmp_path):
 def test_a_key_that_moved_names_its_replacement():
     with pytest.raises(ConfigError, match=r"^method\.export_path is gone: set run\.export_each_task=true"):
         load_config(None, ["method.name=lora", "method.export_path=x.safetensors"])
+
+
+# ------------------------------------------------------------------------------- `defaults:` of a user's YAML file
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_resolve_next_to_the_including_file_from_another_cwd(tmp_path, monkeypatch):
+    _write(tmp_path / "sub" / "base.yaml", "train: {epochs: 4, lr: 0.5}\n")
+    child = _write(tmp_path / "sub" / "child.yaml", "defaults: base.yaml\ntrain: {lr: 0.1}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _write(elsewhere / "base.yaml", "train: {epochs: 99}\n")  # the working directory's file of that name loses
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(str(child))
+    assert (cfg.train.epochs, cfg.train.lr) == (4, 0.1)
+    monkeypatch.chdir(tmp_path)
+    assert load_config("sub/child.yaml").train.epochs == 4  # a relative path to the child too
+
+
+def test_defaults_chain_each_relative_to_its_own_file(tmp_path, monkeypatch):
+    _write(tmp_path / "a" / "b" / "root.yaml", "defaults: demo/default\ntrain: {epochs: 7}\n")  # a shipped preset
+    _write(tmp_path / "a" / "b" / "mid.yaml", "defaults: root.yaml\ntrain: {lr: 0.3}\n")
+    _write(tmp_path / "a" / "top.yaml", "defaults: b/mid.yaml\nseed: 5\n")
+    monkeypatch.chdir(tmp_path / "a" / "b")  # where root.yaml is, not where top.yaml is
+    cfg = load_config(str(tmp_path / "a" / "top.yaml"))
+    assert (cfg.seed, cfg.train.lr, cfg.train.epochs, cfg.data.name) == (5, 0.3, 7, "digits")  # digits: demo/default
+
+
+def test_defaults_shipped_preset_and_working_directory_fallback(tmp_path, monkeypatch):
+    sub = tmp_path / "sub"
+    _write(sub / "shipped.yaml", "defaults: pad/cifar100_lwf\nseed: 3\n")
+    assert load_config(str(sub / "shipped.yaml")).method.name == "lwf"
+    # a path the earlier resolution read from the working directory still loads
+    _write(tmp_path / "configs" / "base.yaml", "train: {epochs: 6}\n")
+    _write(tmp_path / "configs" / "child.yaml", "defaults: configs/base.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/child.yaml").train.epochs == 6
+
+
+def test_missing_defaults_names_the_including_file_and_the_name(tmp_path, monkeypatch):
+    child = _write(tmp_path / "sub" / "child.yaml", "defaults: base.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(child))
+    message = str(info.value)
+    assert message.startswith(f"{child}: defaults: 'base.yaml' not found: no file {tmp_path / 'sub' / 'base.yaml'}")
+    assert str(tmp_path / "base.yaml") in message and "\n" not in message
+    _write(child, "defaults: nope/none\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml: defaults: 'nope/none' not found: no shipped preset"):
+        load_config(str(child))
+
+
+def test_defaults_cycle_is_an_error(tmp_path):
+    _write(tmp_path / "a.yaml", "defaults: b.yaml\n")
+    _write(tmp_path / "b.yaml", "defaults: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"makes a cycle of includes: .*a\.yaml -> .*b\.yaml -> .*a\.yaml$"):
+        load_config(str(tmp_path / "a.yaml"))

@@ -125,6 +125,9 @@ def test_demo_runs_every_stream_and_prints_tables_and_verdicts(tmp_path, capsys)
             assert (f"| {entry.label} |" in summary) != entry.full_only, entry.label  # --quick skips the ablations
     assert summary.count("verdict: ") == 3 and "| ResNet-20 | ConFiT |" in summary
     assert "| ViT | LwF + asym. PAD |" in summary and "CIFAR-10 k-NN before" in summary and "next:" in out
+    assert "| CODA-P | 0.00375 |" in summary  # the prompt method of the class-IL stream, at its stated lr
+    machine = summary.splitlines()[2]  # what the numbers depend on beyond the config
+    assert machine.startswith("machine: ") and f"torch {torch.__version__}" in machine and "kernels)" in machine
     runs = [p for p in tmp_path.iterdir() if (p / "metrics.json").exists()]
     assert len(runs) == sum(not e.full_only for s in STREAMS.values() for e in s.entries)
     report = (tmp_path / "report" / "report.md").read_text()
