@@ -5,6 +5,7 @@ Each registers itself in :data:`~retain.data.datasets.DATASETS` when :mod:`retai
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import warnings
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retain.data.cache import atomic_write, cached_archive_arrays, cached_folder_arrays, is_archive
+from retain.data.cache import atomic_write, build_lock, cached_archive_arrays, cached_folder_arrays, is_archive
 from retain.data.datasets import DATASETS, ImageDataset
 from retain.data.folders import list_classes, scan_folder, sort_classes
 
@@ -39,6 +40,12 @@ _FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 # --------------------------------------------------------------------------------------------- CIFAR
 
 
+def _download_lock(root: Path, download: bool) -> contextlib.AbstractContextManager:
+    """One downloader per dataset folder among concurrent runs (a sweep's ``--jobs``, the ranks of one run): the
+    others wait on ``<root>/.download.lock``, then find the files and skip the download (torchvision checks them)."""
+    return build_lock(root / ".download") if download else contextlib.nullcontext()
+
+
 def _cifar(
     name: str, tv_folder: str, title: str, split: str, root: Path | None, download: bool, cache_dir: Path
 ) -> ImageDataset:
@@ -52,7 +59,8 @@ def _cifar(
     tv_class = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
     if (root / tv_folder).is_dir() or (download and not (root / "train").is_dir()):
         # torchvision's own loader: the only place pickles are read (and it checks md5s first).
-        ds = tv_class(str(root), train=split == "train", download=download)
+        with _download_lock(root, download):
+            ds = tv_class(str(root), train=split == "train", download=download)
         return ImageDataset(np.asarray(ds.targets), list(ds.classes), images=np.asarray(ds.data, dtype=np.uint8))
     folder = root / split
     if not folder.is_dir():
@@ -215,7 +223,8 @@ def _caltech101(
     if folder is None and download:
         from torchvision import datasets as tvd
 
-        tvd.Caltech101(str(root), download=True)
+        with _download_lock(root, True):
+            tvd.Caltech101(str(root), download=True)
         folder = _caltech_folder(root)
     if folder is None:
         raise FileNotFoundError(
@@ -274,7 +283,8 @@ def _fashion_mnist(split: str, root: Path | None, download: bool, cache_dir: Pat
     if None in found and download:
         from torchvision import datasets as tvd
 
-        tvd.FashionMNIST(str(root), train=split == "train", download=True)
+        with _download_lock(root, True):
+            tvd.FashionMNIST(str(root), train=split == "train", download=True)
         found = [_find_idx(root, s) for s in stems]
     if None in found:
         raise FileNotFoundError(

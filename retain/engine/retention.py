@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +29,10 @@ from torch.utils.data import Dataset
 import retain
 from retain import distributed
 from retain.config import RunConfig
+from retain.data.cache import atomic_write
 from retain.engine.build import precision_used
 from retain.engine.evaluation import retention_accuracy
-from retain.engine.rundir import combined_sha256, fsync_path, state_sha256
+from retain.engine.rundir import combined_sha256, state_sha256
 from retain.methods.base import Method
 
 __all__ = ["CACHE_FOLDER", "initial_retention", "cache_material", "cache_path"]
@@ -92,9 +92,8 @@ def _read(path: Path) -> float:
 
 
 def _write(path: Path, record: dict[str, Any]) -> None:
-    """Atomically: a run that reads it meanwhile sees the whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    """Atomically: a run that reads it meanwhile sees the whole file or none. The temporary file's name is unique
+    (``mkstemp``; a pid is not: two hosts or containers sharing ``out_dir`` can have the same), so runs that compute
+    the same key at once each write their own and the last rename wins: both hold the same score."""
+    text = json.dumps(record, indent=1, sort_keys=True, default=str)
+    atomic_write(path, lambda f: f.write(text), mode="w", fsync=True)
