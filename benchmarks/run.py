@@ -3,7 +3,7 @@
     python -m benchmarks                          # small size, all scripts -> benchmarks/results/<machine>.json
     python -m benchmarks --size full --out perf.json
     python -m benchmarks --only method_costs pad_overhead
-    python benchmarks/table.py benchmarks/results/<machine>.json   # the README's table from it
+    python benchmarks/table.py benchmarks/results/<machine>.json   # the table in docs/measured.md from it
 
 In the suite (each prints ratios measured side by side in one session; ``--small`` on each is the suite's size):
 
