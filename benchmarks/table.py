@@ -1,7 +1,7 @@
 """Render a results file of ``python -m benchmarks`` as the performance tables of docs/measured.md (markdown).
 
     python benchmarks/table.py benchmarks/results/amd-epyc-2c.json                    # print
-    python benchmarks/table.py benchmarks/results/amd-epyc-2c.json --update docs/measured.md  # replace between the markers
+    python benchmarks/table.py benchmarks/results/amd-epyc-2c.json --update docs/measured.md  # between the markers
 
 ``--update`` rewrites only the text between ``<!-- benchmarks:start -->`` and ``<!-- benchmarks:end -->``.
 """

@@ -9,8 +9,11 @@ retain inspect PRESET_OR_YAML [key=value ...] [--json]
 retain pretrain PRESET_OR_YAML [key=value ...] [--export-dir DIR] [--fp32]
 retain report RUN_OR_SWEEP_DIR [...] [--out DIR]
 retain compare RUN_OR_SWEEP_DIR [...]
-retain sweep PRESET_OR_YAML key=a,b,c [key=value ...] [--out DIR] [--dry-run]
-retain export RUN_DIR -o FILE [--weights FILE]
+retain sweep PRESET_OR_YAML key=a,b,c [key=value ...] [--out DIR] [--dry-run] [--jobs N] [--gpus-per-run K]
+             [--launcher local|slurm] [--partition P] [--account A] [--time MIN] [--cpus-per-run C]
+             [--launcher-set KEY=VALUE ...]
+retain sweep --status SWEEP_DIR
+retain export RUN_DIR -o FILE [--weights FILE] [--format retain|timm] [--task T]
 retain predict ARTEFACT IMAGE_OR_FOLDER [...] [--json] [--task T] [--weights FILE] [--device DEV]
 retain demo [--methods ...] [--epochs N] [--dataset NAME] ...
 """
@@ -63,6 +66,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sweep folder: its runs and sweep.json go into DIR (default: <out_dir>/<sweep name>, "
                    "e.g. runs/<preset>-sweep); the same command with the same --out skips finished runs")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="validate every run's config and list the runs; run nothing")
+    p.add_argument(
+        "--status",
+        action="store_true",
+        help="retain sweep --status SWEEP_DIR: each run's status, job id and job state; run nothing",
+    )
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="up to N runs at once, each in its own process (default 1: one after another in this "
+                   "process); GPUs: one per run (CUDA_VISIBLE_DEVICES), CPU: the cores divided (train.threads); "
+                   "with --launcher: at most N jobs at once")  # fmt: skip
+    p.add_argument(
+        "--gpus-per-run",
+        type=int,
+        default=None,
+        metavar="K",
+        help="GPUs of each run (default 1 where the runs use a GPU); K > 1: torchrun --nproc_per_node K",
+    )
+    p.add_argument("--launcher", choices=("local", "slurm"), default=None,
+                   help="one submitit job per run: slurm (an array job; the command returns once submitted) or "
+                   "local (jobs on this machine, waited for)")  # fmt: skip
+    p.add_argument("--partition", default=None, help="--launcher slurm: the partition (default: the cluster's)")
+    p.add_argument("--account", default=None, help="--launcher slurm: the account to charge")
+    p.add_argument("--time", type=int, default=240, metavar="MIN",
+                   help="--launcher: a job's time limit in minutes (default 240); a job that reaches it saves a "
+                   "checkpoint and is requeued")  # fmt: skip
+    p.add_argument(
+        "--cpus-per-run",
+        type=int,
+        default=None,
+        metavar="C",
+        help="--launcher slurm: CPUs of each job (default 8 per GPU); also train.threads on a CPU",
+    )
+    p.add_argument("--launcher-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any submitit parameter, e.g. slurm_qos=high, mem_gb=64, slurm_constraint=a100 "
+                   "(repeatable)")  # fmt: skip
     p = sub.add_parser("export", help="write a finished run's model as one artefact (safetensors)")
     p.add_argument("run_dir", help="the run directory (runs/<name>)")
     p.add_argument("-o", "--out", required=True, help="artefact file to write (.safetensors)")
@@ -185,30 +222,84 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from retain.sweep import describe, plan_sweep, run_sweep
 
+    if args.status:
+        return _sweep_status(args.preset, args.overrides)
     sweep = plan_sweep(args.preset, args.overrides, args.out)  # every run's config is validated before anything runs
     if args.dry_run:
         print(describe(sweep))
         return 0
-    from retain.engine import RunError
+    from retain import launch
+
+    only = [f for f, v in (("--partition", args.partition), ("--account", args.account), ("--cpus-per-run",
+            args.cpus_per_run), ("--launcher-set", args.launcher_set or None), ("--time", args.time != 240 or None))
+            if v is not None and args.launcher is None]  # fmt: skip
+    if only:
+        raise ValueError(f"{only[0]} applies to --launcher slurm (or local); without one, give --jobs N only")
+    in_process = args.launcher is None and (args.jobs or 1) == 1 and (args.gpus_per_run or 1) == 1
+    try:
+        if in_process:
+            failed = run_sweep(sweep)
+        elif args.launcher is None:
+            failed = launch.run_parallel(sweep, launch.plan_resources(sweep, args.jobs or 1, args.gpus_per_run))
+        else:
+            failed = launch.submit_sweep(sweep, args.launcher, args.jobs, args.gpus_per_run, args.cpus_per_run,
+                                         args.time, args.partition, args.account, args.launcher_set)  # fmt: skip
+    except KeyboardInterrupt as e:
+        done = str(e) or "stopped at once"
+        print(f"retain: interrupted: {done}; finished runs are kept in {sweep.path}; continue with: "
+              f"{_sweep_again(args)}", file=sys.stderr)  # fmt: skip
+        return 130
+    where = shlex.quote(str(sweep.path))
+    if args.launcher == "slurm":
+        print(f"sweep: {sweep.path / 'sweep.json'}; status: retain sweep --status {where}; when the jobs are done: "
+              f"retain report {where}; run the same command again to resubmit unfinished runs")  # fmt: skip
+        return 0
     from retain.report import compare
 
-    try:
-        failed = run_sweep(sweep)
-    except KeyboardInterrupt as e:
-        out = ["--out", args.out] if args.out is not None else []
-        again = shlex.join(["retain", "sweep", args.preset, *args.overrides, *out])
-        done = str(e) or "stopped at once"
-        print(f"retain: interrupted: {done}; finished runs are kept in {sweep.path}; continue with: {again}",
-              file=sys.stderr)  # fmt: skip
-        return 130
     try:
         print(compare([sweep.path]), end="")
     except FileNotFoundError:  # no run has finished a task
         pass
-    print(f"sweep: {sweep.path / 'sweep.json'}; report: retain report {shlex.quote(str(sweep.path))}")
+    print(f"sweep: {sweep.path / 'sweep.json'}; report: retain report {where}")
     if failed:
-        raise RunError(f"{len(failed)} run(s) of the sweep failed, {failed[0].name} first: {failed[0].error} "
-                       f"(see {sweep.path / 'sweep.json'})")  # fmt: skip
+        first = f"{failed[0].name} first: {failed[0].error} (see {sweep.path / 'sweep.json'}"
+        if in_process:
+            from retain.engine import RunError
+
+            raise RunError(f"{len(failed)} run(s) of the sweep failed, {first})")
+        print(f"retain: error: {len(failed)} run(s) of the sweep did not finish, {first}; the same command resumes "
+              "interrupted runs)", file=sys.stderr)  # fmt: skip
+        return 2
+    return 0
+
+
+def _sweep_again(args: argparse.Namespace) -> str:
+    """The command that continues an interrupted sweep: the same one."""
+    words = ["retain", "sweep", args.preset, *args.overrides]
+    for flag, value in (("--out", args.out), ("--jobs", args.jobs), ("--gpus-per-run", args.gpus_per_run),
+                        ("--launcher", args.launcher), ("--partition", args.partition), ("--account", args.account),
+                        ("--cpus-per-run", args.cpus_per_run)):  # fmt: skip
+        words += [flag, str(value)] if value is not None else []
+    words += ["--time", str(args.time)] if args.launcher and args.time != 240 else []
+    for item in args.launcher_set:
+        words += ["--launcher-set", item]
+    return shlex.join(words)
+
+
+def _sweep_status(folder: str, extra: list[str]) -> int:
+    from pathlib import Path
+
+    from retain.launch import status_lines
+    from retain.runindex import SWEEP_FILE, SweepRun, read_index
+
+    path = Path(folder)
+    if extra:
+        raise ValueError(f"retain sweep --status takes a sweep folder only, not {extra[0]!r}")
+    if not (path / SWEEP_FILE).is_file():
+        raise FileNotFoundError(f"{path}: no {SWEEP_FILE} here (retain sweep --status SWEEP_DIR)")
+    runs = [SweepRun.from_dict(r) for r in read_index(path)["runs"]]
+    print(f"sweep {path} ({len(runs)} runs)")
+    print("\n".join(status_lines(path, runs)))
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ CONFIG_FILE = "config.yaml"  # a run's resolved config
 METRICS_FILE = "metrics.json"  # a run's accuracy matrices, written after each task
 STATE_FILE = "run_state.json"  # a started run's progress
 SWEEP_FILE = "sweep.json"  # a sweep folder's index
-STATUSES = ("pending", "running", "interrupted", "failed", "finished")
+STATUSES = ("pending", "submitted", "running", "interrupted", "failed", "finished")  # submitted: queued (a launcher)
 
 
 @dataclass
@@ -38,6 +39,14 @@ class SweepRun:
     overrides: list[str]
     status: str = "pending"
     error: str | None = None
+    job_id: str | None = None  # the launcher's job id (``--launcher``), absent in indexes written before
+    launcher: str | None = None  # local | slurm: where job_id is known
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> SweepRun:
+        """An index entry; keys an older or newer retain wrote that this one does not know are left out."""
+        return cls(entry["name"], list(entry.get("overrides", [])), entry.get("status", "pending"), entry.get("error"),
+                   entry.get("job_id"), entry.get("launcher"))  # fmt: skip
 
 
 def read_index(sweep_dir: str | Path) -> dict[str, Any]:
@@ -56,6 +65,6 @@ def read_index(sweep_dir: str | Path) -> dict[str, Any]:
 def write_index(sweep_dir: Path, index: dict[str, Any]) -> None:
     """``sweep_dir/sweep.json`` holding ``index``, replaced atomically."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    tmp = sweep_dir / f"{SWEEP_FILE}.tmp"
+    tmp = sweep_dir / f"{SWEEP_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"  # one per writer
     tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
     os.replace(tmp, sweep_dir / SWEEP_FILE)

@@ -48,6 +48,8 @@ class Sweep:
     grid: dict[str, list[str]]  # swept key -> values, in command order
     runs: list[SweepRun]  # every run of the index (earlier commands' too), in order
     configs: dict[str, RunConfig] = field(default_factory=dict)  # run name -> config, for this command's runs
+    # run name -> the overrides of ``retain run PRESET ...`` that load exactly that config (name, out_dir last)
+    overrides: dict[str, list[str]] = field(default_factory=dict)
 
     def index(self) -> dict[str, Any]:
         return {"preset": self.preset, "fixed": self.fixed, "grid": self.grid,
@@ -165,12 +167,19 @@ def plan_sweep(preset: str | None, overrides: list[str], out: str | Path | None 
     sweep = Sweep(path, preset, fixed, grid, runs)
     pairs = zip(runs, configs, strict=True)
     sweep.configs = {r.name: dataclasses.replace(c, name=r.name, out_dir=str(path)) for r, c in pairs}
+    sweep.overrides = {r.name: [*_overrides(items, c), f"name={r.name}", f"out_dir={path}"]
+                       for r, c in zip(runs, combos, strict=True)}  # fmt: skip
     return _merge_index(sweep)
+
+
+def _overrides(items: list[tuple[str, list[str]]], combo: dict[str, str]) -> list[str]:
+    """The command's overrides in their order, each swept key at its value in ``combo``."""
+    return [f"{k}={combo.get(k, values[0])}" for k, values in items]
 
 
 def _config(preset: str | None, items: list[tuple[str, list[str]]], combo: dict[str, str]) -> RunConfig:
     """The config of one combination: the command's overrides in their order, each swept key at its value."""
-    overrides = [f"{k}={combo.get(k, values[0])}" for k, values in items]
+    overrides = _overrides(items, combo)
     try:
         return load_config(preset, overrides)
     except ConfigError as e:
@@ -191,8 +200,7 @@ def _merge_index(sweep: Sweep) -> Sweep:
         if was != now:
             raise ConfigError(f"{sweep.path} holds a sweep with other {what} (was {was}, now {now}); repeat that "
                               "command to continue it, or give this one another name=NEW_NAME")  # fmt: skip
-    known = {r["name"]: SweepRun(r["name"], list(r.get("overrides", [])), r.get("status", "pending"), r.get("error"))
-             for r in old["runs"]}  # fmt: skip
+    known = {r["name"]: SweepRun.from_dict(r) for r in old["runs"]}
     new = [r for r in sweep.runs if r.name not in known]
     sweep.runs = list(known.values()) + new
     sweep.grid = {k: list(dict.fromkeys(old["grid"][k] + v)) for k, v in sweep.grid.items()}
@@ -261,6 +269,7 @@ def describe(sweep: Sweep) -> str:
     for r in sweep.runs:
         status = run_status(sweep.path / r.name)
         mark = "" if r.name in sweep.configs else "  (not in this command)"
+        mark += f"  [{r.launcher} job {r.job_id}]" if r.job_id else ""
         lines.append(f"  {status:<11s} {r.name}  {' '.join(r.overrides)}{mark}")
     return "\n".join(lines)
 
