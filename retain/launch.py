@@ -239,14 +239,24 @@ def run_parallel(sweep: Sweep, res: Resources, log: Callable[[str], Any] = print
 
 
 def _sigterm_as_interrupt() -> Any:
-    """SIGTERM (a job scheduler ending the sweep command) stops the runs as Ctrl-C does; the previous handler."""
+    """SIGTERM (a job scheduler ending the sweep command) stops the runs as Ctrl-C does; the previous handler.
+
+    Ctrl-C raises KeyboardInterrupt here even when this process started with SIGINT ignored (launched in the
+    background of a non-interactive shell: Python then installs no handler), as ``retain run`` handles it too."""
 
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt("SIGTERM")
 
     if threading.current_thread() is not threading.main_thread():
         return None
+    _sigint_raises()
     return signal.signal(signal.SIGTERM, handler)
+
+
+def _sigint_raises() -> None:
+    """Ctrl-C raises KeyboardInterrupt in this (main) thread even if the process started with SIGINT ignored."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _stop(stop: threading.Event, lock: threading.Lock, procs: dict[str, subprocess.Popen]) -> int:
@@ -458,6 +468,7 @@ def _wait_local(sweep: Sweep, executor: Any, pending: list[SweepRun], res: Resou
     groups: list[str | None] = list(res.gpu_groups) or [None] * res.jobs
     active: dict[str, tuple[Any, SweepRun, str | None]] = {}
     left, failed = list(pending), []
+    _sigint_raises()
     try:
         while left or active:
             while left and groups:

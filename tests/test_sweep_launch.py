@@ -209,7 +209,10 @@ def test_ctrl_c_stops_the_running_runs_with_a_checkpoint_and_the_same_command_re
     over = tiny(name="c", **{"train.threads": "1", "train.epochs": "25"})
     out = tmp_path / "sw"
     command = _sweep_cli("demo/default", *over, "seed=0,1", "--out", str(out), "--jobs", "2")
-    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # started with SIGINT ignored, as in the background of a non-interactive shell (CI): Ctrl-C must still stop it
+    ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=ignore)  # fmt: skip
     first = None
     while sweep.poll() is None and first is None:  # until a run is in its second task (both have started)
         for s in (0, 1):
