@@ -224,6 +224,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.status:
         return _sweep_status(args.preset, args.overrides)
+    for flag, value in (("--jobs", args.jobs), ("--gpus-per-run", args.gpus_per_run)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: give at least 1")
     sweep = plan_sweep(args.preset, args.overrides, args.out)  # every run's config is validated before anything runs
     if args.dry_run:
         print(describe(sweep))

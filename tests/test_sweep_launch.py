@@ -255,3 +255,7 @@ def test_an_index_without_job_ids_still_loads(tiny, tmp_path, capsys):
     assert main(["sweep", "--status", str(out), "seed=0"]) == 2  # a folder only
     assert main(["sweep", "demo/default", "seed=0,1", "--partition", "gpu"]) == 2  # a launcher's option alone
     assert "--partition applies to --launcher slurm" in capsys.readouterr().err
+    for flag in ("--jobs", "--gpus-per-run"):  # 0 is refused before anything runs, not read as the default
+        assert main(["sweep", "demo/default", "seed=0,1", flag, "0", "--out", str(tmp_path / "zero")]) == 2
+        assert capsys.readouterr().err.strip() == f"retain: error: {flag} 0: give at least 1"
+    assert not (tmp_path / "zero").exists()
